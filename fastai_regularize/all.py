@@ -5,6 +5,10 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/07_all.ipynb #c3e2e1af
+# %% ../nbs/07_all.ipynb #ed10f47a
+from . import core, activations
 from .core import *
 from .activations import *
+
+# %% ../nbs/07_all.ipynb #9646d2ff
+__all__ = [n for m in (core, activations) for n in m.__all__]
