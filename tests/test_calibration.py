@@ -217,5 +217,5 @@ def test_plots_return_figures():
     learn.calibrate()
     f3,f4 = learn.show_reliability(),learn.show_reliability(calibrated=False, n_bins=5)
     assert isinstance(f3, Figure) and isinstance(f4, Figure)
-    assert 'BaseSoftmax' in f3.axes[0].get_title() and 'softmax' in f4.axes[0].get_title()
+    assert f'base {learn.default_act.base:.4g}' in f3.axes[0].get_title() and 'softmax' in f4.axes[0].get_title()
     plt.close('all')
