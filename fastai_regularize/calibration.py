@@ -114,7 +114,7 @@ def _fit_beta(z:Tensor, y:Tensor, max_iter:int=100)->float:
         if g > 0: hi = b
         else:     lo = b
         nb = b - g/h if h > 0 else math.nan
-        if not lo < nb < hi: nb = math.sqrt(lo*hi)  # bisect in log space: the bracket spans 5 decades
+        if not lo < nb < hi: nb = math.sqrt(lo*hi)  # bisect in log space: the bracket spans almost six decades
         if abs(nb - b) <= 1e-12*b: return nb
         b = nb
     return b
