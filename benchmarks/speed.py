@@ -32,13 +32,16 @@ class Timer:
         if self.cuda: torch.cuda.synchronize()
         return time.process_time() if self.kind == 'cpu' else time.perf_counter()
 
-def interleaved(contenders:dict, setup, run, reps:int, warmup:int, timer:Timer)->dict:
+def interleaved(contenders:dict, setup, run, reps:int, warmup:int, timer:Timer, prewarm:bool=True)->dict:
     "Per contender, `reps` times of `run(fn, setup())`, round-robin across contenders, starting point rotating"
     names = list(contenders)
     times = {k: [] for k in names}
     for r in range(warmup + reps):
         for i in range(len(names)):
             k = names[(r + i) % len(names)]
+            # an untimed call first: the allocator then serves the timed call as it would in a loop calling this
+            # contender every step, rather than in whatever state the previous contender's sizes left it
+            if prewarm: run(contenders[k], *setup())
             args = setup()                                   # fresh inputs, outside the timed region
             t0 = timer.now(); run(contenders[k], *args); t1 = timer.now()
             if r >= warmup: times[k].append(t1 - t0)
@@ -46,6 +49,21 @@ def interleaved(contenders:dict, setup, run, reps:int, warmup:int, timer:Timer)-
     return times
 
 def med(v): return statistics.median(v)
+
+MALLOC = {'steady': 32 << 20, 'fresh': 128 << 10}
+
+def pin_malloc(mode:str)->bool:
+    "Fix glibc's mmap threshold (M_MMAP_THRESHOLD=-3) and trim threshold (M_TRIM_THRESHOLD=-1) to `MALLOC[mode]`"
+    # Left adaptive, glibc raises the mmap threshold whenever a large block is freed, so whether a 4 MB buffer
+    # costs fresh pages (page faults: user+system time) depends on which contender ran just before. 'steady' pins
+    # the values glibc's own adaptation converges to in a training loop (32 MiB, trim at twice that): smaller
+    # buffers are reused, larger ones (512x32000 float32 = 62.5 MiB) are always fresh. 'fresh' pins the 128 KiB
+    # start value: every large buffer is fresh memory.
+    try:
+        import ctypes
+        libc = ctypes.CDLL('libc.so.6')
+        return bool(libc.mallopt(-3, MALLOC[mode])) and bool(libc.mallopt(-1, 2 * MALLOC[mode]))
+    except (OSError, AttributeError): return False
 
 # ---------------------------------------------------------------------------------------------------- contenders
 def loss_contenders()->dict:
@@ -68,7 +86,7 @@ def bench_losses(args, timer, dev)->list:
         y = torch.randint(0, C, (N,), generator=g).to(dev)
         setup = lambda: (z0.clone().requires_grad_(),)
         def run(f, z): f(z, y).backward()
-        t = interleaved(fns, setup, run, args.reps, args.warmup, timer)
+        t = interleaved(fns, setup, run, args.reps, args.warmup, timer, args.prewarm)
         m = {k: med(v) for k, v in t.items()}
         rows.append(dict(N=N, C=C, ms={k: v * 1e3 for k, v in m.items()},
                          ratio={k: m['ours'] / m[k] for k in m if k != 'ours'}, reps=args.reps))
@@ -148,7 +166,7 @@ def bench_before_batch(args, timer, dev)->dict:
         'bare lerp': lambda: torch.lerp(partner, x, w),
         'fastai MixUp': theirs.before_batch,
     }
-    t = interleaved(fns, lambda: (), lambda f: f(), args.reps, args.warmup, timer)
+    t = interleaved(fns, lambda: (), lambda f: f(), args.reps, args.warmup, timer, args.prewarm)
     m = {k: med(v) for k, v in t.items()}
     print(f"  before_batch: " + ", ".join(f"{k} {v*1e3:.2f} ms" for k, v in m.items()), flush=True)
     return dict(shape=[n, *shape], ms={k: v * 1e3 for k, v in m.items()},
@@ -228,7 +246,7 @@ def machine(dev, args)->dict:
     info = dict(date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'), cpu=cpu,
                 cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 fastai=fastai.__version__, timm=timm.__version__, python=platform.python_version(),
-                device=str(dev), timer=args.timer, load_avg=os.getloadavg() if hasattr(os, 'getloadavg') else None)
+                device=str(dev), timer=args.timer, malloc_mmap_threshold_pinned=args.malloc_pinned, load_avg=os.getloadavg() if hasattr(os, 'getloadavg') else None)
     if dev.type == 'cuda': info['gpu'] = torch.cuda.get_device_name(dev)
     return info
 
@@ -238,7 +256,8 @@ def report(res:dict, args)->str:
     m = res['machine']
     L = [f"# fastai_regularize speed ({m['device']})", '',
          f"{m['date']} · {m['cpu']} · {m['cores']} cores, torch threads {m['torch_threads']} · torch {m['torch']}, "
-         f"fastai {m['fastai']}, timm {m['timm']} · timer: {m['timer']} · load average at the end {m['load_avg']}"
+         f"fastai {m['fastai']}, timm {m['timm']} · timer: {m['timer']} · glibc malloc pinned: "
+         f"{m['malloc_mmap_threshold_pinned']} · load average at the end {m['load_avg']}"
          + (f" · {m['gpu']}" if 'gpu' in m else ''), '',
          f"Ratios are median(ours) / median(theirs); below 1 means ours is faster. {args.reps} interleaved repetitions "
          f"per contender after {args.warmup} warm-up.", '',
@@ -316,6 +335,11 @@ def main(argv=None):
                     help='torch intra-op threads on CPU (default 1: steadier ratios on a shared machine)')
     ap.add_argument('--timer', choices=['cpu', 'wall'], default=None,
                     help="'cpu' = process CPU time (default on CPU with 1 thread), 'wall' = perf_counter (default otherwise)")
+    ap.add_argument('--no-prewarm', dest='prewarm', action='store_false',
+                    help='skip the untimed call of the same contender before each timed one')
+    ap.add_argument('--malloc', choices=['steady', 'fresh', 'default'], default='steady',
+                    help="glibc on CPU: 'steady' pins the thresholds its adaptation reaches in a loop (buffers < 32 MiB "
+                         "reused), 'fresh' makes every buffer >= 128 KiB fresh pages, 'default' leaves glibc adaptive")
     ap.add_argument('--only', default='losses,step,before_batch,memory', help='comma-separated sections to run')
     ap.add_argument('--write', action='store_true', help='write the results files even with --quick')
     ap.add_argument('--no-write', action='store_true', help='print only')
@@ -323,6 +347,7 @@ def main(argv=None):
     dev = torch.device(args.device)
     if dev.type == 'cuda' and not torch.cuda.is_available(): sys.exit('--device cuda: no CUDA device here')
     torch.set_flush_denormal(True)
+    args.malloc_pinned = args.malloc if dev.type == 'cpu' and args.malloc != 'default' and pin_malloc(args.malloc) else False
     if dev.type == 'cpu': torch.set_num_threads(args.threads or 1)
     if args.timer is None: args.timer = 'cpu' if dev.type == 'cpu' and torch.get_num_threads() == 1 else 'wall'
     if args.timer == 'cpu' and dev.type == 'cuda': sys.exit('--timer cpu measures nothing of a GPU; use wall')
