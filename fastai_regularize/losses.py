@@ -151,7 +151,7 @@ def label_smoothing_cross_entropy(
         loss = -((logp * q) if w is None else (logp * q * w)).sum(1)
         return reduce_loss(loss.view(shape), reduction)
     all_valid = _check_targets(y, z.shape[1], ignore_index)
-    if all_valid and w is None and reduction != 'none':
+    if all_valid and w is None and reduction != 'none' and len(y):
         return _SmoothCEReduced.apply(z, y, eps, 1 / len(y) if reduction == 'mean' else 1.)
     loss = _SmoothCE.apply(z, y[None], None, w, eps, ignore_index)
     if reduction == 'none': return loss.view(shape)
