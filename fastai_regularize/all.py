@@ -5,10 +5,12 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/07_all.ipynb #ed10f47a
-from . import core, activations
+# %% ../nbs/07_all.ipynb #900aa910
+from . import core, activations, losses, mixup
 from .core import *
 from .activations import *
+from .losses import *
+from .mixup import *
 
-# %% ../nbs/07_all.ipynb #9646d2ff
-__all__ = [n for m in (core, activations) for n in m.__all__]
+# %% ../nbs/07_all.ipynb #2eceee2f
+__all__ = [n for m in (core, activations, losses, mixup) for n in m.__all__]

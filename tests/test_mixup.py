@@ -1,0 +1,162 @@
+"MixUp / CutMix in a Learner: each kind of loss, batch of one, restoration after errors, validation untouched."
+from functools import partial
+
+import pytest, torch, torch.nn as nn, torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.data.core import Datasets
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat, BCEWithLogitsLossFlat
+
+from fastai_regularize.activations import BaseSoftmax, no_activation, softmax_base
+from fastai_regularize.losses import LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat, LabelSmoothingBCEWithLogitsLossFlat
+from fastai_regularize.mixup import MixUp, CutMix
+
+N_TRAIN, N_VALID, C = 48, 16, 3
+
+def make_dls(bs=16, multi_hot=False, n_train=N_TRAIN, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = n_train + N_VALID
+    xs = torch.randn(n, 4, generator=g)
+    ys = torch.randint(0, C, (n,), generator=g)
+    if multi_hot: ys = (torch.rand(n, C, generator=g) > 0.5).float()
+    dsets = Datasets(range(n), [[xs.__getitem__], [ys.__getitem__]], splits=[range(n_train), range(n_train, n)])
+    return dsets.dataloaders(bs=bs), xs, ys
+
+class Spy(Callback):
+    "Records, per training batch, the original targets, the mixed batch, MixUp's partner targets and λ, pred and loss"
+    order = MixUp.order + 1
+    def before_fit(self): self.rec = []
+    def before_batch(self):
+        if not self.training: return
+        p = self.learn.mix_up._pending
+        self.rec.append(dict(x=self.x.clone(), y=self.y.clone(), pending=None if p is None else (p[0][0].clone(), p[1].clone())))
+    def after_loss(self):
+        if self.training: self.rec[-1].update(pred=self.pred.detach().clone(), loss=self.loss.detach().clone())
+
+def ce_ref(eps=0.):
+    return lambda p, t: F.cross_entropy(p, t, reduction='none', label_smoothing=eps)
+
+LOSSES = {
+    'fastai CrossEntropyLossFlat': (CrossEntropyLossFlat, ce_ref()),
+    'LabelSmoothingCrossEntropy': (LabelSmoothingCrossEntropy, ce_ref(0.1)),
+    'LabelSmoothingCrossEntropyFlat': (lambda: LabelSmoothingCrossEntropyFlat(eps=0.2), ce_ref(0.2)),
+    'F.cross_entropy': (lambda: F.cross_entropy, ce_ref()),
+    'partial(F.cross_entropy, label_smoothing=0.1)': (lambda: partial(F.cross_entropy, label_smoothing=0.1), ce_ref(0.1)),
+    'nn.CrossEntropyLoss': (nn.CrossEntropyLoss, ce_ref()),
+    'custom function with reduction': (lambda: (lambda p, t, reduction='mean': F.nll_loss(F.log_softmax(p, 1), t, reduction=reduction)), ce_ref()),
+}
+
+@pytest.mark.parametrize('name', LOSSES)
+def test_mixup_loss_equals_reference(name):
+    make, ref = LOSSES[name]
+    torch.manual_seed(0)
+    dls,_,_ = make_dls()
+    lf = make()
+    learn = Learner(dls, nn.Linear(4, C), loss_func=lf, cbs=[MixUp(0.4), Spy()])
+    learn.fit(2)
+    assert learn.loss_func is lf
+    rec = learn.spy.rec
+    assert len(rec) == 6 and all(r['pending'] is not None for r in rec)
+    for r in rec:
+        y2,lam = r['pending']
+        assert (lam >= 0.5).all() and (lam <= 1).all() and not torch.equal(y2, r['y'])
+        expected = (lam * ref(r['pred'], r['y']) + (1 - lam) * ref(r['pred'], y2)).mean()
+        assert torch.allclose(r['loss'], expected, atol=1e-5), name
+
+@pytest.mark.parametrize('lf', [BCEWithLogitsLossFlat(), LabelSmoothingBCEWithLogitsLossFlat(eps=0.1)])
+def test_mixup_multi_hot_targets_are_mixed(lf):
+    torch.manual_seed(0)
+    dls,_,ys = make_dls(multi_hot=True)
+    learn = Learner(dls, nn.Linear(4, C), loss_func=lf, cbs=[MixUp(0.4), Spy()])
+    learn.fit(1)
+    assert learn.loss_func is lf
+    eps = getattr(lf, 'eps', 0.)
+    for r in learn.spy.rec:
+        assert r['pending'] is None
+        y = r['y']
+        assert ((y > 0) & (y < 1)).any(), 'targets were not mixed'
+        assert ((y >= 0) & (y <= 1)).all()
+        ref = F.binary_cross_entropy_with_logits(r['pred'], y * (1 - eps) + eps / 2)
+        assert torch.allclose(r['loss'], ref, atol=1e-6)
+
+def test_batch_of_one_is_unmixed():
+    torch.manual_seed(0)
+    dls,xs,ys = make_dls(bs=1, n_train=3)
+    learn = Learner(dls, nn.Linear(4, C), loss_func=F.cross_entropy, cbs=[MixUp(), Spy()])
+    learn.fit(1)
+    assert len(learn.spy.rec) == 3
+    for r in learn.spy.rec:
+        assert r['pending'] is None
+        assert any(torch.equal(r['x'][0], x) for x in xs[:3])
+        assert torch.allclose(r['loss'], F.cross_entropy(r['pred'], r['y']))
+
+def test_validation_get_preds_and_tta_see_unmixed_data():
+    torch.manual_seed(0)
+    dls,xs,ys = make_dls()
+    learn = Learner(dls, nn.Linear(4, C), loss_func=LabelSmoothingCrossEntropyFlat(), cbs=MixUp())
+    learn.fit(1)
+    inp,logits,targs = learn.get_preds(with_input=True, act=no_activation)
+    assert torch.equal(inp, xs[N_TRAIN:]) and torch.equal(targs, ys[N_TRAIN:])
+    model_logits = learn.model.eval()(xs[N_TRAIN:]).detach()
+    assert torch.allclose(logits, model_logits, atol=1e-6)
+    probs,_ = learn.get_preds()
+    assert torch.allclose(probs, F.softmax(model_logits, -1), atol=1e-6)
+    p2,_ = learn.get_preds(act=BaseSoftmax(2))
+    assert torch.allclose(p2, softmax_base(model_logits, 2), atol=1e-6)
+    # no item transforms here, so every TTA pass equals the plain pass
+    t_logits,_ = learn.tta(n=2, act=no_activation)
+    assert torch.allclose(t_logits, model_logits, atol=1e-5)
+    t2,_ = learn.tta(n=2, act=BaseSoftmax(2))
+    assert torch.allclose(t2, softmax_base(model_logits, 2), atol=1e-5)
+    (aug,plain),_ = learn.tta(n=2, beta=None)
+    assert torch.allclose(plain, F.softmax(model_logits, -1), atol=1e-6)
+
+class Fail(Callback):
+    def __init__(self, event, exc, order): self.event,self.exc,self.order = event,exc,order
+    def __getattr__(self, k):
+        if k == self.event:
+            def _raise():
+                if self.training: raise self.exc('injected')
+            return _raise
+        return super().__getattr__(k)
+
+@pytest.mark.parametrize('exc', [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize('event', ['before_batch', 'after_pred', 'after_loss', 'before_backward'])
+@pytest.mark.parametrize('order', [-20, 20])
+@pytest.mark.parametrize('cb', [MixUp, CutMix])
+def test_loss_func_restored_after_any_error(exc, event, order, cb):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    xs,ys = torch.randn(n, 1, 6, 6, generator=g),torch.randint(0, C, (n,), generator=g)
+    dls = Datasets(range(n), [[xs.__getitem__], [ys.__getitem__]], splits=[range(32), range(32, n)]).dataloaders(bs=8)
+    lf = LabelSmoothingCrossEntropyFlat()
+    learn = Learner(dls, nn.Sequential(nn.Flatten(), nn.Linear(36, C)), loss_func=lf, cbs=cb())
+    with pytest.raises(exc):
+        learn.fit(1, cbs=Fail(event, exc, order))
+    assert learn.loss_func is lf and lf.reduction == 'mean'
+    assert [type(c) for c in learn.cbs].count(cb) == 1 and not any(isinstance(c, Fail) for c in learn.cbs)
+    learn.fit(1)
+    assert torch.isfinite(torch.tensor(learn.recorder.values[-1][:2])).all()
+
+@pytest.mark.parametrize('alpha', [0, -1., float('nan')])
+def test_bad_alpha(alpha):
+    with pytest.raises(ValueError, match='`alpha`'): MixUp(alpha)
+    with pytest.raises(ValueError, match='`alpha`'): CutMix(alpha)
+
+def test_bad_options():
+    with pytest.raises(ValueError, match='`mode`'): MixUp(mode='pair')
+    with pytest.raises(ValueError, match='`prob`'): MixUp(prob=1.5)
+    with pytest.raises(ValueError, match='`switch_prob`'): MixUp(switch_prob=-0.1)
+    with pytest.raises(ValueError, match='`off_epochs`'): MixUp(off_epochs=-1)
+    with pytest.raises(ValueError, match='`off_pct`'): MixUp(off_pct=1.)
+    with pytest.raises(ValueError, match='`cutmix_alpha`'): MixUp(cutmix_alpha=-1)
+
+def test_no_reduction_loss_gets_clear_error_and_learner_untouched():
+    dls,_,_ = make_dls()
+    def mean_only(p, t): return F.cross_entropy(p, t)
+    learn = Learner(dls, nn.Linear(4, C), loss_func=mean_only, cbs=MixUp())
+    with pytest.raises(TypeError, match='cannot give per-item losses'): learn.fit(1)
+    assert learn.loss_func is mean_only
+    learn.remove_cb(learn.mix_up)
+    learn.fit(1)
