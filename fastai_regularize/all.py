@@ -5,12 +5,13 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/07_all.ipynb #900aa910
-from . import core, activations, losses, mixup
+# %% ../nbs/07_all.ipynb #f51c7c87
+from . import core, activations, losses, mixup, calibration
 from .core import *
 from .activations import *
 from .losses import *
 from .mixup import *
+from .calibration import *
 
-# %% ../nbs/07_all.ipynb #2eceee2f
-__all__ = [n for m in (core, activations, losses, mixup) for n in m.__all__]
+# %% ../nbs/07_all.ipynb #8d436a28
+__all__ = [n for m in (core, activations, losses, mixup, calibration) for n in m.__all__]

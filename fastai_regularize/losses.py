@@ -54,26 +54,57 @@ class _SmoothCE(torch.autograd.Function):
         grad.scatter_add_(1, ys0.t(), -(a * g).t())
         return grad, None, None, None, None, None
 
+# %% ../nbs/02_losses.ipynb #27ed23d1
+class _SmoothCEReduced(torch.autograd.Function):
+    "Label-smoothed CE of every row of `z` against `y` (all valid, no class weights), summed and times `scale`"
+    @staticmethod
+    def forward(ctx, z:Tensor, y:Tensor, eps:float, scale:float):
+        logp = torch.log_softmax(z, 1)
+        total = logp.gather(1, y[:, None]).sum().mul_(-(1 - eps) * scale)
+        if eps: total.add_(logp.sum(), alpha=-eps / z.shape[1] * scale)
+        ctx.save_for_backward(z, y)
+        ctx.eps,ctx.scale = eps,scale
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g:Tensor):
+        z, y = ctx.saved_tensors
+        eps, C = ctx.eps, z.shape[1]
+        c = g * ctx.scale
+        grad = torch.softmax(z, 1).mul_(c)
+        if eps: grad.sub_(c, alpha=eps / C)
+        grad.scatter_add_(1, y[:, None], c.mul(eps - 1).expand(len(y), 1))
+        return grad, None, None, None
+
 # %% ../nbs/02_losses.ipynb #9846f813
 def _plain(t:Tensor)->Tensor:
     "`t` as a plain `Tensor` (fastai's `TensorBase` dispatches every op through Python)"
     return t if type(t) is Tensor or not isinstance(t, Tensor) else t.as_subclass(Tensor)
 
-def _check_targets(y:Tensor, C:int, ignore_index:int, name:str='target'):
-    "Class indices must lie in [0, C) or equal `ignore_index`; checked on CPU, asserted asynchronously on GPU"
+def _check_targets(y:Tensor, C:int, ignore_index:int, name:str='target')->bool:
+    "Class indices must lie in [0, C) or equal `ignore_index`: checked on CPU (returns whether none is ignored), asserted asynchronously on GPU (returns False)"
+    if y.device.type != 'cpu':
+        bad = ((y < 0) | (y >= C)) & (y != ignore_index)
+        torch._assert_async(~bad.any(), f"`{name}` holds a class index outside [0, {C})")
+        return False
+    if not len(y): return True
+    lo,hi = torch.aminmax(y)
+    if lo >= 0 and hi < C: return True
     bad = ((y < 0) | (y >= C)) & (y != ignore_index)
-    if y.device.type == 'cpu':
-        if bad.any():
-            v = y[bad][0].item()
-            raise ValueError(f"`{name}` holds class index {v}, outside [0, {C}) for logits with {C} classes "
-                             f"(and not ignore_index={ignore_index})")
-    else: torch._assert_async(~bad.any(), f"`{name}` holds a class index outside [0, {C})")
+    if bad.any():
+        v = y[bad][0].item()
+        raise ValueError(f"`{name}` holds class index {v}, outside [0, {C}) for logits with {C} classes "
+                         f"(and not ignore_index={ignore_index})")
+    return False
 
 def _flatten_ce(input:Tensor, target:Tensor, dim:int=1)->tuple:
     "(z, y, shape): logits as (M, C) with the class `dim` last, targets as (M,), and the per-item loss shape"
     if not isinstance(input, Tensor): raise TypeError(f"`input` must be a Tensor of logits, got {type(input).__name__}")
     if not isinstance(target, Tensor): raise TypeError(f"`target` must be a Tensor, got {type(target).__name__}")
     input,target = _plain(input),_plain(target)
+    if (input.ndim == 2 and dim in (1, -1) and target.dtype == torch.int64 and target.shape == input.shape[:1]
+        and input.dtype in (torch.float32, torch.float64)): return input, target, target.shape  # the usual case, unchecked
     if input.ndim == 0: raise ValueError("`input` must have a class dimension, got a 0-dim tensor")
     if input.ndim == 1: input,target,dim = input[None],target.reshape(1, *target.shape),1
     dim = dim % input.ndim
@@ -119,7 +150,9 @@ def label_smoothing_cross_entropy(
         logp = F.log_softmax(z, 1)
         loss = -((logp * q) if w is None else (logp * q * w)).sum(1)
         return reduce_loss(loss.view(shape), reduction)
-    _check_targets(y, z.shape[1], ignore_index)
+    all_valid = _check_targets(y, z.shape[1], ignore_index)
+    if all_valid and w is None and reduction != 'none' and len(y):
+        return _SmoothCEReduced.apply(z, y, eps, 1 / len(y) if reduction == 'mean' else 1.)
     loss = _SmoothCE.apply(z, y[None], None, w, eps, ignore_index)
     if reduction == 'none': return loss.view(shape)
     if reduction == 'sum': return loss.sum()

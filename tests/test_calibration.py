@@ -1,0 +1,221 @@
+"Calibration: ECE against hand arithmetic and a loop reference, temperature recovery on synthetic data, Learner integration."
+import math, warnings
+from types import SimpleNamespace
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+import pytest
+import torch, torch.nn as nn, torch.nn.functional as F
+from fastai.data.core import Datasets
+from fastai.learner import Learner, load_learner
+from fastai.losses import CrossEntropyLossFlat, BCEWithLogitsLossFlat
+from fastai.torch_core import to_detach
+
+from fastai_regularize.activations import BaseSoftmax, softmax_base, no_activation
+from fastai_regularize.calibration import (expected_calibration_error, ECE, fit_temperature, plot_reliability,
+                                           CalibrationResult)
+
+# Six items, four classes (rows: probabilities; confidence = max, prediction = argmax)
+PROBS = torch.tensor([[.90, .05, .03, .02],   # conf .9, pred 0, targ 0: right
+                      [.10, .80, .05, .05],   # conf .8, pred 1, targ 1: right
+                      [.20, .05, .70, .05],   # conf .7, pred 2, targ 0: wrong
+                      [.60, .30, .05, .05],   # conf .6, pred 0, targ 1: wrong
+                      [.30, .50, .10, .10],   # conf .5, pred 1, targ 1: right
+                      [.30, .25, .25, .20]])  # conf .3, pred 0, targ 2: wrong
+TARGS = torch.tensor([0, 1, 0, 1, 1, 2])
+
+def test_ece_hand_computed_three_bins():
+    # bins (0,1/3], (1/3,2/3], (2/3,1]
+    # (0,1/3]:   item 6        acc 0,   conf .3              -> 1/6 * |0 - .3|    = .05
+    # (1/3,2/3]: items 4, 5    acc 1/2, conf (.6+.5)/2 = .55 -> 2/6 * |.5 - .55| = .1/6
+    # (2/3,1]:   items 1, 2, 3 acc 2/3, conf (.9+.8+.7)/3=.8 -> 3/6 * |2/3 - .8| = .4/6
+    expected = 1/6*0.3 + 2/6*0.05 + 3/6*(0.8 - 2/3)
+    assert expected == pytest.approx(2/15)
+    assert expected_calibration_error(PROBS, TARGS, n_bins=3) == pytest.approx(expected, abs=1e-7)
+
+def test_ece_hand_computed_two_bins_right_closed():
+    # bins (0,.5], (.5,1]: item 5 (conf exactly .5) belongs to the first bin
+    # (0,.5]: items 5, 6       acc 1/2, conf (.5+.3)/2 = .4        -> 2/6 * .1  = .2/6
+    # (.5,1]: items 1, 2, 3, 4 acc 2/4, conf (.9+.8+.7+.6)/4 = .75 -> 4/6 * .25 = 1/6
+    expected = 2/6*0.1 + 4/6*0.25
+    assert expected_calibration_error(PROBS, TARGS, n_bins=2) == pytest.approx(expected, abs=1e-7)
+    assert isinstance(expected_calibration_error(PROBS, TARGS, n_bins=2), float)
+
+def _ece_loop(probs, targs, n_bins):
+    "Reference ECE: one Python loop per bin over plain floats"
+    conf = [max(row) for row in probs.tolist()]
+    right = [row.index(max(row)) == t for row,t in zip(probs.tolist(), targs.tolist())]
+    total = 0.
+    for i in range(n_bins):
+        lo,hi = i/n_bins,(i+1)/n_bins
+        members = [j for j,c in enumerate(conf) if (lo < c <= hi) or (i == 0 and c == 0)]
+        if not members: continue
+        acc = sum(right[j] for j in members)/len(members)
+        mean_conf = sum(conf[j] for j in members)/len(members)
+        total += len(members)/len(conf)*abs(acc - mean_conf)
+    return total
+
+@pytest.mark.parametrize('n_bins', [1, 2, 7, 15, 100])
+@pytest.mark.parametrize('scale', [0.5, 3.])
+def test_ece_matches_loop_reference(n_bins, scale):
+    g = torch.Generator().manual_seed(n_bins)
+    probs = F.softmax(scale*torch.randn(500, 6, generator=g, dtype=torch.float64), -1)
+    targs = torch.randint(0, 6, (500,), generator=g)
+    assert expected_calibration_error(probs, targs, n_bins) == pytest.approx(_ece_loop(probs, targs, n_bins), abs=1e-12)
+
+def test_ece_metric_accumulates_batches_and_follows_default_act():
+    g = torch.Generator().manual_seed(0)
+    logits,targs = 3*torch.randn(300, 4, generator=g),torch.randint(0, 4, (300,), generator=g)
+    for act,probs in ((None, F.softmax(logits, -1)), (BaseSoftmax(1.5), softmax_base(logits, 1.5))):
+        metric = ECE(n_bins=10)
+        metric.reset()
+        for i in range(0, 300, 64):
+            learn = SimpleNamespace(pred=logits[i:i+64], y=targs[i:i+64], to_detach=to_detach)
+            if act is not None: learn.default_act = act
+            metric.accumulate(learn)
+        assert metric.name == 'ece'
+        assert metric.value == pytest.approx(_ece_loop(probs, targs, 10), abs=1e-6)
+
+def _calibrated_logits(n=20000, c=5, seed=0):
+    "Logits `z` and targets sampled from `softmax(z)`: calibrated by construction"
+    g = torch.Generator().manual_seed(seed)
+    z = 2*torch.randn(n, c, generator=g)
+    return z,torch.multinomial(F.softmax(z, -1), 1, generator=g)[:,0]
+
+def test_fit_temperature_recovers_overconfidence():
+    z,y = _calibrated_logits()
+    over = 3*z
+    T = fit_temperature(over, y)
+    assert 1/T == pytest.approx(1/3, rel=0.05)
+    assert math.exp(1/T) == pytest.approx(math.exp(1/3), rel=0.05)
+    before,after = F.softmax(over, -1),softmax_base(over, math.exp(1/T))
+    assert expected_calibration_error(after, y) < expected_calibration_error(before, y)
+    assert torch.equal(after.argmax(1), before.argmax(1))
+
+@pytest.mark.parametrize('scale', [0.25, 0.5, 1., 2., 4.])
+def test_fit_temperature_minimises_nll_on_a_grid(scale):
+    z,y = _calibrated_logits(n=5000, c=4, seed=int(scale*4))
+    logits = scale*z
+    T = fit_temperature(logits, y)
+    assert T == pytest.approx(scale, rel=0.1)  # statistical: the data were made at temperature `scale`
+    nll = lambda t: F.cross_entropy(logits.double()/t, y).item()
+    grid = torch.logspace(math.log10(T) - 0.3, math.log10(T) + 0.3, 601, dtype=torch.float64).tolist()
+    assert nll(T) <= min(nll(t) for t in grid) + 1e-12
+
+def test_fit_temperature_bracket_ends_warn():
+    logits = torch.tensor([[5., 0.], [0., 5.]])
+    with pytest.warns(UserWarning, match='still falls'): T_sep = fit_temperature(logits, torch.tensor([0, 1]))
+    with pytest.warns(UserWarning, match='no better than chance'): T_bad = fit_temperature(logits, torch.tensor([1, 0]))
+    assert T_sep < 0.01 and T_bad > 100
+    assert math.isfinite(math.exp(1/T_sep)) and math.isfinite(BaseSoftmax.from_temperature(T_sep).base)
+
+BAD = [
+    (lambda: expected_calibration_error(PROBS, TARGS, n_bins=0), ValueError, '`n_bins` must be an int >= 1, got 0'),
+    (lambda: expected_calibration_error(PROBS, TARGS, n_bins=2.5), TypeError, '`n_bins` must be an int'),
+    (lambda: expected_calibration_error(PROBS, TARGS[:4]), ValueError, '`targs` has 4 items but `probs` has 6'),
+    (lambda: expected_calibration_error(PROBS[0], TARGS), ValueError, '`probs` must be 2-D'),
+    (lambda: expected_calibration_error(PROBS*5, TARGS), ValueError, '`probs` must be probabilities in [0, 1]'),
+    (lambda: expected_calibration_error(PROBS, TARGS.float()), ValueError, '`targs` must be integer class indices'),
+    (lambda: expected_calibration_error(PROBS, TARGS + 3), ValueError, '`targs` must be class indices in [0, 4)'),
+    (lambda: expected_calibration_error('probs', TARGS), TypeError, '`probs` must be a tensor or array'),
+    (lambda: fit_temperature(torch.randn(6), TARGS), ValueError, '`logits` must be 2-D'),
+    (lambda: fit_temperature(torch.full((6, 4), math.inf), TARGS), ValueError, '`logits` must be finite'),
+    (lambda: fit_temperature(torch.randn(5, 4), TARGS), ValueError, '`targs` has 6 items but `logits` has 5'),
+    (lambda: ECE(n_bins=0), ValueError, '`n_bins`'),
+    (lambda: plot_reliability(PROBS, TARGS, n_bins=-1), ValueError, '`n_bins`'),
+]
+
+@pytest.mark.parametrize('call,exc,msg', BAD)
+def test_bad_inputs_name_the_argument(call, exc, msg):
+    with pytest.raises(exc) as e: call()
+    assert msg in str(e.value)
+
+def _overconfident_learner(n_valid=2000, scale=3.):
+    "A linear classifier whose weights are `scale` times those of the model the targets were sampled from"
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(4, 3, generator=g)
+    n = 400 + n_valid
+    xs = torch.randn(n, 4, generator=g)
+    ys = torch.multinomial(F.softmax(xs@W, -1), 1, generator=g)[:,0]
+    dls = Datasets(range(n), [[xs.__getitem__], [ys.__getitem__]], splits=[range(400), range(400, n)]).dataloaders(bs=500)
+    model = nn.Linear(4, 3, bias=False)
+    with torch.no_grad(): model.weight.copy_(scale*W.T)
+    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=[ECE()])
+
+def test_learner_calibrate():
+    learn = _overconfident_learner()
+    logits,targs = learn.get_preds(act=no_activation)
+    res = learn.calibrate()
+    assert isinstance(res, CalibrationResult) and 'base=' in repr(res)
+    for k in ('base', 'temperature', 'nll_before', 'nll_after', 'ece_before', 'ece_after'): assert isinstance(getattr(res, k), float)
+    assert res.base == pytest.approx(math.exp(1/3), rel=0.05)
+    assert res.temperature == pytest.approx(1/math.log(res.base))
+    assert res.nll_after <= res.nll_before
+    assert res.nll_before == pytest.approx(F.cross_entropy(logits, targs).item(), rel=1e-5)
+    assert res.nll_after == pytest.approx(F.cross_entropy(logits/res.temperature, targs).item(), rel=1e-5)
+    assert res.ece_before == pytest.approx(_ece_loop(F.softmax(logits, -1), targs, 15), abs=1e-6)
+    assert res.ece_after == pytest.approx(_ece_loop(F.softmax(logits/res.temperature, -1), targs, 15), abs=1e-6)
+    assert res.ece_after < res.ece_before
+    probs,_ = learn.get_preds()
+    torch.testing.assert_close(probs, softmax_base(logits, res.base))
+    assert torch.equal(probs.argmax(1), logits.argmax(1))  # accuracy unchanged
+    assert learn.validate()[1] == pytest.approx(res.ece_after, abs=1e-6)  # the metric scores the installed base
+    assert learn.calibrate().base == pytest.approx(res.base, rel=1e-9)  # refits on raw logits: no stacking
+    learn.reset_calibration()
+    assert not hasattr(learn, 'default_act')
+    torch.testing.assert_close(learn.get_preds()[0], F.softmax(logits, -1))
+    learn.reset_calibration()  # not calibrated: no error
+
+def test_calibrate_ignores_an_installed_default_act():
+    learn = _overconfident_learner()
+    base = learn.calibrate().base
+    learn.default_act = BaseSoftmax(10.)
+    assert learn.calibrate().base == pytest.approx(base, rel=1e-9)
+
+def test_calibrate_on_a_given_dl():
+    learn = _overconfident_learner()
+    res_valid = learn.calibrate()
+    res_train = learn.calibrate(dl=learn.dls.train.new(shuffle=False, drop_last=False))
+    assert res_train.base == pytest.approx(math.exp(1/3), rel=0.15) and res_train.base != res_valid.base
+
+def test_export_keeps_calibration(tmp_path):
+    learn = _overconfident_learner()
+    res = learn.calibrate()
+    learn.path = tmp_path
+    learn.export('calibrated.pkl')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        loaded = load_learner(tmp_path/'calibrated.pkl')
+    assert loaded.default_act.base == res.base
+    dl = learn.dls.valid
+    torch.testing.assert_close(loaded.get_preds(dl=dl)[0], learn.get_preds(dl=dl)[0])
+    torch.testing.assert_close(loaded.get_preds(dl=dl)[0], softmax_base(learn.get_preds(dl=dl, act=no_activation)[0], res.base))
+
+def test_calibrate_refuses_multilabel_targets():
+    g = torch.Generator().manual_seed(2)
+    xs,ys = torch.randn(64, 4, generator=g),(torch.rand(64, 3, generator=g) > 0.5).float()
+    dls = Datasets(range(64), [[xs.__getitem__], [ys.__getitem__]], splits=[range(48), range(48, 64)]).dataloaders(bs=16)
+    learn = Learner(dls, nn.Linear(4, 3), loss_func=BCEWithLogitsLossFlat())
+    with pytest.raises(ValueError, match='single-label'): learn.calibrate()
+    assert not hasattr(learn, 'default_act')
+
+def test_calibrate_needs_held_out_data():
+    xs,ys = torch.randn(32, 4),torch.randint(0, 3, (32,))
+    dls = Datasets(range(32), [[xs.__getitem__], [ys.__getitem__]], splits=[range(32), []]).dataloaders(bs=16)
+    learn = Learner(dls, nn.Linear(4, 3), loss_func=CrossEntropyLossFlat())
+    with pytest.raises(ValueError, match='no validation set'): learn.calibrate()
+
+def test_plots_return_figures():
+    z,y = _calibrated_logits(n=2000)
+    fig = plot_reliability(F.softmax(3*z, -1), y, n_bins=10, title='over-confident')
+    assert isinstance(fig, Figure) and 'ECE' in fig.axes[0].get_title()
+    f2,ax = plt.subplots()
+    assert plot_reliability(F.softmax(z, -1), y, ax=ax) is f2
+    learn = _overconfident_learner(n_valid=500)
+    learn.calibrate()
+    f3,f4 = learn.show_reliability(),learn.show_reliability(calibrated=False, n_bins=5)
+    assert isinstance(f3, Figure) and isinstance(f4, Figure)
+    assert f'base {learn.default_act.base:.4g}' in f3.axes[0].get_title() and 'softmax' in f4.axes[0].get_title()
+    plt.close('all')
