@@ -96,7 +96,7 @@ def paddy(tmp_path_factory, digits):
 @pytest.fixture(scope='session')
 def fitted(paddy, env):
     r = cli(env, paddy, 'fit', 'train_images', '--epochs', 1, '--size', 16, '--bs', 32, '--test-dir', 'test_images',
-            '--sample-submission', 'sample_submission.csv', '--submission', 'out/submission.csv', '--export', 'model.pkl')
+            '--sample-submission', 'sample_submission.csv', '--submission', 'out/submission.csv', '--export', 'model.pkl', '--calibrate')
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -104,7 +104,8 @@ def fitted(paddy, env):
 def test_fit_submission(paddy, fitted):
     out = fitted.stdout + fitted.stderr
     assert 'notes.png' in out and 'truncated.png' in out  # both corrupt files are reported
-    for k in ('error_rate', 'tta_error_rate', 'valid_loss'): assert k in fitted.stdout
+    for k in ('error_rate', 'tta_error_rate', 'valid_loss', 'nll', 'ece', 'nll_calibrated', 'ece_calibrated'):
+        assert k in fitted.stdout
     sample = pd.read_csv(paddy/'sample_submission.csv', dtype=str)
     sub = pd.read_csv(paddy/'out'/'submission.csv', dtype=str)
     assert list(sub.columns) == list(sample.columns)
