@@ -14,7 +14,7 @@ import torch
 from fastcore.script import call_parse, store_true, anno_parser
 
 from .core import check_number
-from .data import DataError, DataWarning, digits_folder, image_folder_dls, test_image_files
+from .data import DataError, DataWarning, digits_folder, image_folder_dls, get_test_images
 
 # %% auto #0
 __all__ = ['PROG', 'MIXES', 'CONFIGS', 'COMMANDS', 'USAGE', 'UsageError', 'resolve_arch', 'train_learner', 'evaluate',
@@ -76,18 +76,18 @@ def _mix_cbs(mix:str|None)->list:
 
 def train_learner(dls, # `DataLoaders`, e.g. from `image_folder_dls`
                   arch='resnet18', # Model name (see `resolve_arch`) or model function
-                  epochs:int=3, # Epochs of `fine_tune` after its frozen epoch
-                  lr:float=2e-3, # Base learning rate of `fine_tune`
+                  epochs:int=4, # Epochs of `fit_one_cycle`
+                  lr:float=3e-3, # Maximum learning rate of `fit_one_cycle`
                   ls:bool=True, # Label smoothing instead of plain cross-entropy
                   mix:str|None='mixup', # 'mixup', 'cutmix' or None
                   seed:int=42, # `set_seed(seed, reproducible=True)` before building the model
                   show_progress:bool=True, # Show fastai's progress bars and epoch table
                  ):
-    "A `vision_learner` (`pretrained=False`) trained with `fine_tune`, label smoothing and MixUp/CutMix by flag"
+    "A `vision_learner` (`pretrained=False`) trained with `fit_one_cycle`, label smoothing and MixUp/CutMix by flag"
     from fastai.torch_core import set_seed
     from fastai.vision.learner import vision_learner
     from fastai.metrics import error_rate
-    import fastai.callback.schedule, fastai.callback.progress  # noqa: F401 (`Learner.fine_tune`; progress bars)
+    import fastai.callback.schedule, fastai.callback.progress  # noqa: F401 (`Learner.fit_one_cycle`; progress bars)
     import fastai_regularize.activations  # noqa: F401 (`tta(act=)` and `default_act`)
     epochs,lr = _check_int('epochs', epochs),_check('lr', lr, lo=0, lo_open=True, hi=10)
     if isinstance(arch, str): arch = resolve_arch(arch)
@@ -98,10 +98,10 @@ def train_learner(dls, # `DataLoaders`, e.g. from `image_folder_dls`
         import fastai.callback.fp16  # noqa: F401 (`Learner.to_fp16`)
         learn = learn.to_fp16()
     start = time.perf_counter()
-    if show_progress: learn.fine_tune(epochs, lr)
+    if show_progress: learn.fit_one_cycle(epochs, lr)
     else:
-        with learn.no_bar(), learn.no_logging(): learn.fine_tune(epochs, lr)
-    learn.seconds_per_epoch = (time.perf_counter() - start) / (epochs + 1)  # + fine_tune's frozen epoch
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
+    learn.seconds_per_epoch = (time.perf_counter() - start) / epochs
     return learn
 
 # %% ../nbs/06_cli.ipynb #5058cf59
@@ -191,8 +191,8 @@ def _data(path, bs, size, seed):
 @call_parse(pos=['path'])
 def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ holding them (default: the digits)
         arch:str='resnet18', # Model: torchvision/fastai name (resnet18, resnet34) or timm name (resnet10t)
-        epochs:int=3, # Epochs of fine_tune after its frozen epoch
-        lr:float=2e-3, # Base learning rate of fine_tune
+        epochs:int=4, # Epochs of fit_one_cycle
+        lr:float=3e-3, # Maximum learning rate of fit_one_cycle
         bs:int=64, # Batch size
         size:int=32, # Image side in pixels
         no_mixup:store_true=False, # Train without MixUp
@@ -210,7 +210,7 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
     arch_fn = resolve_arch(arch)
     epochs,lr = _check_int('epochs', epochs),_check('lr', lr, lo=0, lo_open=True, hi=10)
     if calibrate: _calibration()
-    test_files = test_image_files(test_dir) if test_dir is not None else None
+    test_files = get_test_images(test_dir) if test_dir is not None else None
     dls = _data(path, bs, size, seed)
     mix = None if no_mixup and not cutmix else 'cutmix' if cutmix else 'mixup'
     learn = train_learner(dls, arch_fn, epochs, lr, ls=not no_ls, mix=mix, seed=seed)
@@ -243,7 +243,7 @@ def predict(model:str, # Learner saved by `fit --export` (learn.export)
     import fastai_regularize.activations  # noqa: F401 (a calibrated `default_act` applies)
     model = Path(model)
     if not model.is_file(): raise UsageError(f"model {model} does not exist")
-    files = test_image_files(dir)
+    files = get_test_images(dir)
     learn = load_learner(model.absolute())
     labels = predict_files(learn, files, seed=seed)
     write_submission([f.name for f in files], labels, out)
@@ -270,8 +270,8 @@ def _plot(rows:list, losses:dict, fn:Path):
 @call_parse(pos=['path'])
 def compare(path:str=None, # Image folder as for fit (default: the digits)
             arch:str='resnet18', # Model name
-            epochs:int=3, # Epochs of fine_tune after its frozen epoch
-            lr:float=2e-3, # Base learning rate
+            epochs:int=4, # Epochs of fit_one_cycle
+            lr:float=3e-3, # Maximum learning rate of fit_one_cycle
             bs:int=64, # Batch size
             size:int=32, # Image side in pixels
             out:str='out/compare', # Folder for compare.csv, compare.json and compare.png

@@ -26,7 +26,7 @@ from fastai.vision.augment import Resize, aug_transforms
 
 # %% auto #0
 __all__ = ['N_DIGITS', 'FASHION_MNIST_CLASSES', 'DataError', 'DataWarning', 'data_home', 'digits_folder', 'read_idx',
-           'load_idx_pair', 'ResizeChannels', 'tensor_image_dls', 'fashion_mnist_dls', 'test_image_files',
+           'load_idx_pair', 'ResizeChannels', 'tensor_image_dls', 'fashion_mnist_dls', 'get_test_images',
            'image_folder_dls']
 
 # %% ../nbs/05_data.ipynb #1d48f311
@@ -225,7 +225,7 @@ def _warn_skipped(bad, where):
     if bad: warnings.warn(f"skipped {len(bad)} unreadable image(s) in {where}: {', '.join(str(f) for f in bad)}",
                           DataWarning, stacklevel=3)
 
-def test_image_files(dir:str|Path, # Folder of (unlabelled) test images
+def get_test_images(dir:str|Path, # Folder of (unlabelled) test images
                     )->L:
     "Sorted image files under `dir`, unreadable ones left out with a `DataWarning`"
     path = Path(dir)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastai_regularize import data as frd  # `frd.test_image_files`: imported by name, pytest would collect it
+from fastai_regularize import data as frd
 from fastai_regularize.data import DataError, digits_folder, read_idx, load_idx_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,8 +148,8 @@ def test_usage(env, tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and 'unknown command' in r.stderr
 
 
-def test_test_image_files_skips_corrupt(paddy):
-    with pytest.warns(frd.DataWarning, match='truncated.png'): files = frd.test_image_files(paddy/'test_images')
+def test_get_test_images_skips_corrupt(paddy):
+    with pytest.warns(frd.DataWarning, match='truncated.png'): files = frd.get_test_images(paddy/'test_images')
     assert len(files) == 40 and files == sorted(files)
 
 
