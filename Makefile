@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py
 
 quality: $(STAMP)
+	test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 	$(BIN)/python benchmarks/quality.py
 
 clean:

@@ -71,6 +71,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'fastai_regularize.cli._majority_label': ('cli.html#_majority_label', 'fastai_regularize/cli.py'),
                                        'fastai_regularize.cli._mix_cbs': ('cli.html#_mix_cbs', 'fastai_regularize/cli.py'),
                                        'fastai_regularize.cli._plot': ('cli.html#_plot', 'fastai_regularize/cli.py'),
+                                       'fastai_regularize.cli._save_reliability': ( 'cli.html#_save_reliability',
+                                                                                    'fastai_regularize/cli.py'),
                                        'fastai_regularize.cli._show_data_warning': ( 'cli.html#_show_data_warning',
                                                                                      'fastai_regularize/cli.py'),
                                        'fastai_regularize.cli._table': ('cli.html#_table', 'fastai_regularize/cli.py'),

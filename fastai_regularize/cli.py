@@ -188,6 +188,18 @@ def _data(path, bs, size, seed):
     path = digits_folder() if path is None else Path(path)
     return image_folder_dls(path, bs=_check_int('bs', bs), size=_check_int('size', size), seed=seed)
 
+def _save_reliability(learn, fn:str):
+    "Reliability diagrams of the validation set before (plain softmax) and after calibration, side by side"
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig,(a0,a1) = plt.subplots(1, 2, figsize=(11, 4.5))
+    learn.show_reliability(calibrated=False, ax=a0, title='before: softmax')
+    learn.show_reliability(calibrated=True, ax=a1, title=f'after: base {learn.default_act.base:.3f} (T = {learn.default_act.temperature:.2f})')
+    Path(fn).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout(); fig.savefig(fn, dpi=100); plt.close(fig)
+    print(f"wrote {fn}")
+
 @call_parse(pos=['path'])
 def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ holding them (default: the digits)
         arch:str='resnet18', # Model: torchvision/fastai name (resnet18, resnet34) or timm name (resnet10t)
@@ -199,6 +211,7 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
         no_ls:store_true=False, # Plain cross-entropy instead of label smoothing
         cutmix:store_true=False, # CutMix instead of MixUp
         calibrate:store_true=False, # Fit a softmax temperature on the validation set; report NLL and ECE before/after
+        reliability:str=None, # With --calibrate: save reliability diagrams before/after calibration to this PNG
         test_dir:str=None, # Folder of test images to predict with TTA
         sample_submission:str=None, # Kaggle sample_submission.csv whose label column to fill (needs --test-dir)
         submission:str='submission.csv', # CSV to write the test predictions to
@@ -207,6 +220,7 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
        ):
     "Train a vision_learner with label smoothing and MixUp/CutMix, report error/TTA error/loss, write a submission"
     if sample_submission is not None and test_dir is None: raise UsageError("--sample-submission needs --test-dir")
+    if reliability is not None and not calibrate: raise UsageError("--reliability needs --calibrate")
     arch_fn = resolve_arch(arch)
     epochs,lr = _check_int('epochs', epochs),_check('lr', lr, lo=0, lo_open=True, hi=10)
     if calibrate: _calibration()
@@ -217,6 +231,7 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
     res = evaluate(learn, calibrate=calibrate, seed=seed)
     res['seconds_per_epoch'] = learn.seconds_per_epoch
     print(_table(res))
+    if reliability is not None: _save_reliability(learn, reliability)
     for cb in [cb for cb in learn.cbs if type(cb).__name__ in ('MixUp', 'CutMix')]: learn.remove_cb(cb)  # training-only
     if test_files is not None:
         labels = predict_files(learn, test_files, seed=seed)

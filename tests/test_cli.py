@@ -96,7 +96,8 @@ def paddy(tmp_path_factory, digits):
 @pytest.fixture(scope='session')
 def fitted(paddy, env):
     r = cli(env, paddy, 'fit', 'train_images', '--epochs', 1, '--size', 16, '--bs', 32, '--test-dir', 'test_images',
-            '--sample-submission', 'sample_submission.csv', '--submission', 'out/submission.csv', '--export', 'model.pkl', '--calibrate')
+            '--sample-submission', 'sample_submission.csv', '--submission', 'out/submission.csv', '--export', 'model.pkl', '--calibrate',
+            '--reliability', 'out/reliability.png')
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -112,6 +113,8 @@ def test_fit_submission(paddy, fitted):
     assert list(sub.image_id) == list(sample.image_id)  # the sample's (shuffled) row order
     assert set(sub.label) <= {str(i) for i in range(10)}  # every row, the unreadable image's included, filled
     assert (paddy/'model.pkl').is_file()
+    from PIL import Image
+    assert Image.open(paddy/'out'/'reliability.png').size[0] > 500  # the before/after diagrams were drawn
 
 
 def test_predict_matches_fit(paddy, env, fitted):
@@ -126,21 +129,22 @@ def test_predict_matches_fit(paddy, env, fitted):
     assert list(preds.label) == list(sub[preds.image_id])
 
 
-@pytest.mark.parametrize('case', ['missing', 'empty', 'one_class', 'bad_arch', 'bad_lr'])
+@pytest.mark.parametrize('case', ['missing', 'empty', 'one_class', 'bad_arch', 'bad_lr', 'reliability_alone'])
 def test_bad_input_one_line(tmp_path, env, digits, case):
     path = tmp_path/'data'
     extra = []
     if case == 'empty': path.mkdir()
     if case == 'one_class': shutil.copytree(digits/'train'/'4', path/'4')
-    if case in ('bad_arch', 'bad_lr'):
+    if case in ('bad_arch', 'bad_lr', 'reliability_alone'):
         shutil.copytree(digits/'train', path)
-        extra = ['--arch', 'resnet_nope'] if case == 'bad_arch' else ['--lr', '-0.1']
+        extra = {'bad_arch': ['--arch', 'resnet_nope'], 'bad_lr': ['--lr', '-0.1'], 'reliability_alone': ['--reliability', 'r.png']}[case]
     r = cli(env, tmp_path, 'fit', path, *extra, timeout=120)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('fastai-regularize: error: fit: '), r.stderr
     assert {'missing': 'does not exist', 'empty': 'has no image files', 'one_class': "one class ('4')",
-            'bad_arch': "unknown --arch 'resnet_nope'", 'bad_lr': '`lr` must be in'}[case] in lines[0]
+            'bad_arch': "unknown --arch 'resnet_nope'", 'bad_lr': '`lr` must be in',
+            'reliability_alone': '--reliability needs --calibrate'}[case] in lines[0]
 
 
 def test_usage(env, tmp_path):
