@@ -160,3 +160,16 @@ def test_no_reduction_loss_gets_clear_error_and_learner_untouched():
     assert learn.loss_func is mean_only
     learn.remove_cb(learn.mix_up)
     learn.fit(1)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='host-device syncs exist only with a GPU')
+def test_no_host_device_sync_per_batch():
+    "MixUp's batch work and the one-pass mixed loss run with CUDA's sync debug mode set to raise"
+    from fastai_regularize.losses import mixed_loss
+    x,y = torch.randn(32, 3, 16, 16, device='cuda'),torch.randint(0, 10, (32,), device='cuda')
+    pred = torch.randn(32, 10, device='cuda', requires_grad=True)
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        for cb in (MixUp(), CutMix(), MixUp(cutmix_alpha=1., mode='elem', prob=0.8)):
+            _,_,(y2,lam) = cb.mix((x,), (y,))
+            mixed_loss(LabelSmoothingCrossEntropyFlat(), pred, (y,), y2, lam).backward()
+    finally: torch.cuda.set_sync_debug_mode('default')
