@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_data.ipynb #d941b14c
 from __future__ import annotations
-import gzip, math, os, struct, warnings
+import gzip, math, os, shutil, struct, tempfile, warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,19 +55,29 @@ def digits_folder(path:str|Path|None=None, # Destination; None: `data_home()/'di
     path = data_home()/'digits' if path is None else Path(path)
     marker = path/'.complete'
     tag = f"seed={seed} valid_pct={valid_pct} n={N_DIGITS}"
-    if marker.exists() and marker.read_text() == tag and _png_count(path) == N_DIGITS: return path
-    if marker.exists(): marker.unlink()
+    def complete(p): return (p/'.complete').exists() and (p/'.complete').read_text() == tag and _png_count(p) == N_DIGITS
+    if complete(path): return path
     d = load_digits()
     imgs = np.round(d.images * (255/16)).astype(np.uint8)
     n_valid = round(len(imgs) * valid_pct)
     is_valid = np.zeros(len(imgs), dtype=bool)
     is_valid[np.random.default_rng(seed).permutation(len(imgs))[:n_valid]] = True
+    # written beside `path` and renamed into place, so processes building it at once never see half a folder
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}-', dir=path.parent))
     for split in ('train', 'valid'):
-        for lbl in range(10): (path/split/str(lbl)).mkdir(parents=True, exist_ok=True)
-    for f in path.glob('*/*/*.png'): f.unlink()  # a different split may have been written before
+        for lbl in range(10): (tmp/split/str(lbl)).mkdir(parents=True)
     for i,(im,t) in enumerate(zip(imgs, d.target)):
-        Image.fromarray(im, mode='L').save(path/('valid' if is_valid[i] else 'train')/str(t)/f'{i:04d}.png')
-    marker.write_text(tag)
+        Image.fromarray(im, mode='L').save(tmp/('valid' if is_valid[i] else 'train')/str(t)/f'{i:04d}.png')
+    (tmp/'.complete').write_text(tag)
+    if path.exists() and not complete(path):  # an old split or a broken folder: move it out of the way
+        old = Path(tempfile.mkdtemp(prefix=f'.{path.name}-old-', dir=path.parent))
+        path.rename(old/path.name)
+        shutil.rmtree(old, ignore_errors=True)
+    try: tmp.rename(path)
+    except OSError:  # another process renamed its complete folder into place first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not complete(path): raise
     return path
 
 # %% ../nbs/05_data.ipynb #1fad2a16
