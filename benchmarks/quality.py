@@ -72,8 +72,8 @@ def main(argv=None):
         t = time.time()
         learn.fit_one_cycle(a.epochs, a.lr)
         spe = (time.time() - t) / a.epochs
+        losses[name] = [float(l) for l in learn.recorder.losses]  # first: validate() restarts the Recorder
         rows.append(dict(config=name, **evaluate(learn, calibrate=True, seed=a.seed), seconds_per_epoch=spe))
-        losses[name] = [float(l) for l in learn.recorder.losses]
         print(rows[-1], flush=True)
     machine = dict(device=torch.cuda.get_device_name() if dev == 'cuda' else cpu_name(), cores=os.cpu_count(),
                    torch=torch.__version__, date=datetime.now(timezone.utc).strftime('%Y-%m-%d'),

@@ -304,9 +304,9 @@ def compare(path:str=None, # Image folder as for fit (default: the digits)
         print(f"== {name}", flush=True)
         dls = _data(path, bs, size, seed)  # rebuilt: every configuration sees the same batches
         learn = train_learner(dls, arch_fn, epochs, lr, ls=ls, mix=mix, seed=seed)
+        losses[name] = [float(l) for l in learn.recorder.losses]  # first: validate() restarts the Recorder
         rows.append(dict(config=name, **evaluate(learn, calibrate=calib, seed=seed),
                          seconds_per_epoch=learn.seconds_per_epoch))
-        losses[name] = [float(l) for l in learn.recorder.losses]
     df = pd.DataFrame(rows)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     df.to_csv(out/'compare.csv', index=False)
