@@ -94,6 +94,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'fastai_regularize/core.py'),
                                         'fastai_regularize.core._takes_reduction': ( 'core.html#_takes_reduction',
                                                                                      'fastai_regularize/core.py'),
+                                        'fastai_regularize.core.check_int': ('core.html#check_int', 'fastai_regularize/core.py'),
                                         'fastai_regularize.core.check_number': ('core.html#check_number', 'fastai_regularize/core.py'),
                                         'fastai_regularize.core.check_reduction': ( 'core.html#check_reduction',
                                                                                     'fastai_regularize/core.py'),

@@ -16,6 +16,7 @@ from fastai.learner import Learner
 from fastai.metrics import AccumMetric
 
 from .activations import BaseSoftmax, softmax_base, no_activation
+from .core import check_int
 
 # %% auto #0
 __all__ = ['expected_calibration_error', 'ECE', 'fit_temperature', 'plot_reliability', 'CalibrationResult']
@@ -27,11 +28,7 @@ def _tensor(name:str, x)->Tensor:
     try: return torch.as_tensor(x)
     except Exception: raise TypeError(f"`{name}` must be a tensor or array, got {type(x).__name__}") from None
 
-def _check_n_bins(n_bins)->int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral):
-        raise TypeError(f"`n_bins` must be an int, got {type(n_bins).__name__} {n_bins!r}")
-    if n_bins < 1: raise ValueError(f"`n_bins` must be an int >= 1, got {n_bins!r}")
-    return int(n_bins)
+def _check_n_bins(n_bins)->int: return check_int('n_bins', n_bins, 1)
 
 def _check_scores(name:str, x, targs, probs:bool)->tuple:
     "`x` (probabilities if `probs`, else logits) of shape (N, C) and `targs` class indices of shape (N,), checked"

@@ -13,7 +13,7 @@ warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated',
 import torch
 from fastcore.script import call_parse, store_true, anno_parser
 
-from .core import check_number
+from .core import check_number, check_int
 from .data import DataError, DataWarning, digits_folder, image_folder_dls, get_test_images
 
 # %% auto #0
@@ -37,9 +37,9 @@ def _check(name:str, value, **kw)->float:
     except (ValueError, TypeError) as e: raise UsageError(str(e)) from None
 
 def _check_int(name:str, value, lo:int=1)->int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise UsageError(f"`{name}` must be an integer >= {lo}, got {value!r}")
-    return value
+    "`check_int` that raises `UsageError` with the option's name"
+    try: return check_int(name, value, lo)
+    except (ValueError, TypeError) as e: raise UsageError(str(e)) from None
 
 # %% ../nbs/06_cli.ipynb #99ab8611
 def resolve_arch(name:str, # Model name: fastai, torchvision or timm

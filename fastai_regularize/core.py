@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['check_number', 'check_reduction', 'reduce_loss', 'loss_reduction', 'NoneReduce']
+__all__ = ['check_number', 'check_int', 'check_reduction', 'reduce_loss', 'loss_reduction', 'NoneReduce']
 
 # %% ../nbs/00_core.ipynb #cdaace3b
 def check_number(name:str, # Argument name, quoted in the message
@@ -37,6 +37,17 @@ def check_number(name:str, # Argument name, quoted in the message
         extra = f", not {', '.join(f'{e:g}' for e in exclude)}" if exclude else ''
         raise ValueError(f"`{name}` must be in {rng}{extra}, got {value!r}")
     return v
+
+# %% ../nbs/00_core.ipynb #bcc86b26
+def check_int(name:str, # Argument name, quoted in the message
+              value, # Value the user passed
+              lo:int=0, # Smallest allowed value
+             )->int:
+    "Return `value` as an int if it is an integer >= `lo`, else raise `TypeError`/`ValueError` naming `name`"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
+    if value < lo: raise ValueError(f"`{name}` must be an int >= {lo}, got {value!r}")
+    return int(value)
 
 # %% ../nbs/00_core.ipynb #bac63612
 _REDUCTIONS = ('mean', 'sum', 'none')

@@ -24,6 +24,8 @@ from fastai.vision.core import imagenet_stats
 from fastai.vision.data import ImageBlock
 from fastai.vision.augment import Resize, aug_transforms
 
+from .core import check_int
+
 # %% auto #0
 __all__ = ['N_DIGITS', 'FASHION_MNIST_CLASSES', 'DataError', 'DataWarning', 'data_home', 'digits_folder', 'read_idx',
            'load_idx_pair', 'ResizeChannels', 'tensor_image_dls', 'fashion_mnist_dls', 'get_test_images',
@@ -154,10 +156,7 @@ class ResizeChannels(Transform):
         if self.n_channels != x.shape[1]: x = x.repeat(1, self.n_channels // x.shape[1], 1, 1)
         return x
 
-def _pos_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {v!r}")
-    return int(v)
+def _pos_int(name, v)->int: return check_int(name, v, 1)
 
 def tensor_image_dls(x_train:Tensor, # Training images (N, H, W), uint8
                      y_train:Tensor, # Training labels (N,), integers in [0, len(vocab))

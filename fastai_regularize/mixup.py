@@ -14,7 +14,7 @@ from fastai.callback.core import Callback
 from fastai.torch_core import retain_type
 from fastcore.basics import patch
 
-from .core import check_number
+from .core import check_number, check_int
 from .losses import mixed_loss, _plain
 
 # %% auto #0
@@ -93,9 +93,8 @@ class MixUp(Callback):
         self.cutmix_alpha = _check_alpha('cutmix_alpha', cutmix_alpha, allow_zero=True)
         self.switch_prob,self.prob = check_number('switch_prob', switch_prob, 0, 1),check_number('prob', prob, 0, 1)
         if mode not in ('batch', 'elem'): raise ValueError(f"`mode` must be 'batch' or 'elem', got {mode!r}")
-        if isinstance(off_epochs, bool) or not isinstance(off_epochs, int) or off_epochs < 0:
-            raise ValueError(f"`off_epochs` must be an int >= 0, got {off_epochs!r}")
-        self.mode,self.off_epochs,self.off_pct = mode,off_epochs,check_number('off_pct', off_pct, 0, 1, hi_open=True)
+        self.mode,self.off_epochs = mode,check_int('off_epochs', off_epochs, 0)
+        self.off_pct = check_number('off_pct', off_pct, 0, 1, hi_open=True)
         self._pending = self._held_yb = None
 
     def _value(self, a)->float:
