@@ -264,8 +264,12 @@ def mixed_loss(loss_func, # The user's loss: called as `loss_func(pred, *yb)`
     spec = _ce_spec(loss_func) if len(yb1) == 1 else None
     if spec is not None and not yb1[0].is_floating_point():
         z, y1, shape = _flatten_ce(pred, yb1[0], spec['dim'])
-        _, y2, _ = _flatten_ce(pred, yb2[0].to(yb1[0].device), spec['dim'])
-        y1,y2 = y1.to(z.device),y2.to(z.device)
+        t2 = yb2[0]
+        if not isinstance(t2, Tensor) or t2.shape != yb1[0].shape or t2.is_floating_point():
+            raise ValueError(f"`yb2` must hold class indices shaped like `yb1`'s {tuple(yb1[0].shape)}, got "
+                             f"{(t2.dtype, tuple(t2.shape)) if isinstance(t2, Tensor) else type(t2).__name__}")
+        # flattened as `_flatten_ce` flattens `yb1`'s targets; the logits are not flattened (or copied) twice
+        y1,y2 = y1.to(z.device),_plain(t2).reshape(-1).long().to(z.device)
         for y in (y1, y2): _check_targets(y, z.shape[1], spec['ignore_index'])
         lam_e = lam.to(z.device, z.dtype)[:, None].expand(n, z.shape[0] // n).reshape(-1)
         loss = _SmoothCE.apply(z, torch.stack([y1, y2]), torch.stack([lam_e, 1 - lam_e]),
