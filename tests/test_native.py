@@ -1,0 +1,191 @@
+"The fused CPU kernel: against PyTorch and gradcheck, its threads, its fallbacks, and how it is built and cached."
+import os, shutil, subprocess, sys, textwrap
+from pathlib import Path
+
+import pytest, torch, torch.nn.functional as F
+
+from fastai_regularize import native
+from fastai_regularize.native import native_info, use_native, smooth_ce
+from fastai_regularize.losses import LabelSmoothingCrossEntropy, label_smoothing_cross_entropy, mixed_loss
+
+HAVE_CC = bool(os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang'))
+needs_kernel = pytest.mark.skipif(not native_info()['available'], reason=f"kernel unavailable: {native_info().get('error')}")
+
+def test_builds_where_a_compiler_exists():
+    "On Linux/macOS with a C compiler the kernel must build, load and pass its self-test (CI runs here)"
+    if sys.platform == 'win32' or not HAVE_CC: pytest.skip('no C compiler')
+    info = native_info()
+    assert info['enabled'] and info['available'], info.get('error')
+    assert Path(info['path']).is_file()
+
+def ref_mixed(z, ys, coefs, eps, ignore, red, mean_over_valid):
+    "sum_k coefs[k] * F.cross_entropy(z, ys[k], label_smoothing=eps, reduction='none'), then reduced"
+    per = sum((1. if coefs is None else coefs[k]) * F.cross_entropy(z, ys[k], label_smoothing=eps, reduction='none',
+                                                                      ignore_index=ignore) for k in range(len(ys)))
+    if red == 'none': return per
+    if red == 'sum': return per.sum()
+    return per.sum() / ((ys[0] != ignore).sum() if mean_over_valid else len(per))
+
+@needs_kernel
+@pytest.mark.parametrize('K', [1, 2])
+@pytest.mark.parametrize('red', ['mean', 'sum', 'none'])
+@pytest.mark.parametrize('ignore', [False, True])
+def test_gradcheck_and_values_float64(K, red, ignore):
+    g = torch.Generator().manual_seed(K * 10 + len(red) + ignore)
+    z = (torch.randn(9, 7, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    ys = torch.randint(0, 7, (K, 9), generator=g)
+    if ignore: ys[:, ::4] = -100
+    coefs = None if K == 1 else torch.stack([l := torch.rand(9, generator=g, dtype=torch.float64), 1 - l])
+    out = smooth_ce(z, ys, coefs, 0.3, -100, red, mean_over_valid=K == 1)
+    assert out.grad_fn.name() == '_SmoothCENativeBackward'          # the kernel ran, not the fallback
+    ref = ref_mixed(z, ys, coefs, 0.3, -100, red, K == 1)
+    assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    assert torch.allclose(torch.autograd.grad(out, z, go)[0], torch.autograd.grad(ref, z, go)[0], atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda z: smooth_ce(z, ys, coefs, 0.3, -100, red, K == 1), (z,))
+
+@needs_kernel
+@pytest.mark.parametrize('N,C', [(1024, 1000), (64, 32000), (300, 3)])
+@pytest.mark.parametrize('scale', [1., 30.])
+def test_float32_close_to_float64(N, C, scale):
+    "The float32 kernel (its vectorised exp included) is as close to exact as PyTorch's own float32 loss"
+    g = torch.Generator().manual_seed(N + C)
+    z64 = torch.randn(N, C, generator=g, dtype=torch.float64) * scale     # scale 30: logits spread over ~±150
+    y = torch.randint(0, C, (N,), generator=g)
+    z32 = z64.float().requires_grad_()
+    zd = z32.detach().double().requires_grad_()
+    exact = F.cross_entropy(zd, y, label_smoothing=0.1); ge, = torch.autograd.grad(exact, zd)
+    theirs = F.cross_entropy(z32, y, label_smoothing=0.1); gt, = torch.autograd.grad(theirs, z32)
+    ours = LabelSmoothingCrossEntropy(0.1)(z32, y); go, = torch.autograd.grad(ours, z32)
+    assert ours.grad_fn.name() == '_SmoothCENativeBackward'
+    err_ours, err_theirs = abs(ours.double() - exact).item(), abs(theirs.double() - exact).item()
+    assert err_ours <= max(4 * err_theirs, 1e-6 * exact.item())
+    gerr_ours, gerr_theirs = (go.double() - ge).abs().max().item(), (gt.double() - ge).abs().max().item()
+    assert gerr_ours <= max(4 * gerr_theirs, 1e-9)
+
+@needs_kernel
+def test_exp_underflow_gives_zero_probability():
+    "Logits 100 below the row's max have probability e^-100: 0 in float32, and the loss stays exact"
+    z = torch.tensor([[0., -100., -200., 5.], [3., 3., -1e4, 3.]], requires_grad=True)
+    y = torch.tensor([1, 2])
+    ours = label_smoothing_cross_entropy(z, y, 0.0, reduction='none')
+    zd = z.detach().double().requires_grad_()
+    ref = F.cross_entropy(zd, y, reduction='none')
+    assert torch.allclose(ours.double(), ref, rtol=1e-6)
+    g, = torch.autograd.grad(ours.sum(), z); gr, = torch.autograd.grad(ref.sum(), zd)
+    assert torch.allclose(g.double(), gr, atol=1e-7)
+
+@needs_kernel
+def test_threads_give_the_same_bits():
+    "Rows are split into blocks, one per thread; every row and the total are computed identically"
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(777, 500, generator=g).requires_grad_()
+    y = torch.randint(0, 500, (777,), generator=g)
+    old = torch.get_num_threads()
+    out = {}
+    try:
+        for n in (1, 2, 5):
+            torch.set_num_threads(n)
+            l = LabelSmoothingCrossEntropy(0.1)(z, y)
+            out[n] = (l.detach(), torch.autograd.grad(l, z)[0])
+    finally: torch.set_num_threads(old)
+    for n in (2, 5):
+        assert torch.equal(out[1][0], out[n][0]) and torch.equal(out[1][1], out[n][1])
+
+@needs_kernel
+@pytest.mark.parametrize('bad', [float('inf'), float('-inf'), float('nan')])
+def test_non_finite_logits_fall_back_to_pytorch(bad):
+    z = torch.randn(6, 5, dtype=torch.float64)
+    z[2, 3] = bad
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    ours = LabelSmoothingCrossEntropy(0.1, reduction='none')(z1, y)
+    assert ours.grad_fn.name() != '_SmoothCENativeBackward'
+    ref = F.cross_entropy(z2, y, label_smoothing=0.1, reduction='none')
+    assert torch.allclose(ours, ref, equal_nan=True)
+    ours.sum().backward(); ref.sum().backward()
+    assert torch.allclose(z1.grad, z2.grad, equal_nan=True)
+
+@needs_kernel
+def test_bad_index_still_named():
+    with pytest.raises(ValueError, match='class index 7, outside'):
+        LabelSmoothingCrossEntropy()(torch.randn(3, 7), torch.tensor([0, 7, 1]))
+    with pytest.raises(ValueError, match='class index -1'):
+        mixed_loss(LabelSmoothingCrossEntropy(), torch.randn(3, 7), (torch.tensor([0, 1, 2]),),
+                   (torch.tensor([0, -1, 2]),), torch.rand(3))
+
+@needs_kernel
+def test_mixed_loss_takes_the_kernel_and_equals_the_torch_path():
+    g = torch.Generator().manual_seed(5)
+    pred = torch.randn(2, 6, 4, 3, dtype=torch.float64, generator=g)          # per-pixel logits, classes on dim 1
+    m1, m2 = torch.randint(0, 6, (2, 4, 3), generator=g), torch.randint(0, 6, (2, 4, 3), generator=g)
+    lam = torch.rand(2, dtype=torch.float64, generator=g)
+    from fastai_regularize.losses import LabelSmoothingCrossEntropyFlat
+    lf = LabelSmoothingCrossEntropyFlat(axis=1, eps=0.2)
+    for red in ('mean', 'sum', 'none'):
+        lf.reduction = lf.func.reduction = red
+        p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+        ours = mixed_loss(lf, p1, (m1,), (m2,), lam)
+        with use_native(False): theirs = mixed_loss(lf, p2, (m1,), (m2,), lam)
+        assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-12)
+        go = torch.rand(ours.shape, dtype=torch.float64, generator=g)
+        ours.backward(go); theirs.backward(go)
+        assert torch.allclose(p1.grad, p2.grad, atol=1e-12)
+
+def test_use_native_rejects_non_bool():
+    with pytest.raises(TypeError, match='`enabled` must be True or False'):
+        with use_native('no'): pass
+
+def test_switched_off_by_context_and_environment():
+    z, y = torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, 1])
+    with use_native(False):
+        assert not native_info()['enabled']
+        assert LabelSmoothingCrossEntropy()(z, y).grad_fn.name() == '_SmoothCEReducedBackward'
+    r = _run("from fastai_regularize.native import native_info; i = native_info(); print(i['enabled'], i['available'])",
+             FASTAI_REGULARIZE_NATIVE='0')
+    assert r.stdout.split() == ['False', 'False'], r.stderr
+
+def _run(code, **env):
+    e = {**os.environ, **env}
+    return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=e, capture_output=True, text=True, timeout=300)
+
+CHECK = """
+import torch, torch.nn.functional as F
+from fastai_regularize.native import native_info
+from fastai_regularize.losses import LabelSmoothingCrossEntropy
+z, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 5, (8,))
+l = LabelSmoothingCrossEntropy(0.1)(z, y)
+assert torch.allclose(l, F.cross_entropy(z, y, label_smoothing=0.1)), 'wrong loss'
+i = native_info()
+print(i['available'], l.grad_fn is None or l.grad_fn.name(), repr(i.get('error', '')))
+"""
+
+def test_no_compiler_means_pytorch_path_and_a_reason(tmp_path):
+    "A compiler that fails: the losses still give PyTorch's numbers, and native_info says why"
+    r = _run(CHECK, CC='false', FASTAI_REGULARIZE_CACHE=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    avail, _, err = r.stdout.split(' ', 2)
+    assert avail == 'False' and 'did not build' in err
+    assert not list(tmp_path.glob('*.so')) and not list(tmp_path.glob('*.tmp')) and not list(tmp_path.glob('*.c'))
+
+@pytest.mark.skipif(not HAVE_CC or sys.platform == 'win32', reason='no C compiler')
+def test_cache_is_built_once_concurrently_and_a_broken_file_rebuilt(tmp_path):
+    "Three processes building into one empty cache at once all load it; a corrupted cached file is rebuilt"
+    env = {**os.environ, 'FASTAI_REGULARIZE_CACHE': str(tmp_path)}
+    ps = [subprocess.Popen([sys.executable, '-c', CHECK], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in ps]
+    for p, (o, e) in zip(ps, outs): assert p.returncode == 0 and o.startswith('True'), e
+    sos = list(tmp_path.glob('*.so'))
+    assert len(sos) == 1 and not list(tmp_path.glob('*.tmp'))
+    sos[0].write_bytes(b'not a shared library')
+    r = _run(CHECK, FASTAI_REGULARIZE_CACHE=str(tmp_path))
+    assert r.returncode == 0 and r.stdout.startswith('True'), r.stdout + r.stderr
+    assert sos[0].read_bytes()[:4] == b'\x7fELF' or sys.platform == 'darwin'
+
+@needs_kernel
+def test_smooth_ce_rejects_misshapen_targets():
+    z = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r'expected \(K, 4\)'): smooth_ce(z, torch.zeros(4, dtype=torch.long), None, 0.1, -100, 'mean')
+    with pytest.raises(ValueError, match=r'expected \(K, 4\)'):
+        smooth_ce(z, torch.zeros(2, 4, dtype=torch.long), torch.ones(1, 4), 0.1, -100, 'mean')
