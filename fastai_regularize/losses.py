@@ -14,6 +14,7 @@ from fastai.losses import BaseLoss, BCEWithLogitsLossFlat
 from fastcore.meta import use_kwargs_dict
 
 from .core import check_number, check_reduction, reduce_loss, NoneReduce, loss_reduction
+from .native import smooth_ce
 
 # %% auto #0
 __all__ = ['label_smoothing_cross_entropy', 'LabelSmoothingCrossEntropy', 'LabelSmoothingCrossEntropyFlat',
@@ -150,6 +151,9 @@ def label_smoothing_cross_entropy(
         logp = F.log_softmax(z, 1)
         loss = -((logp * q) if w is None else (logp * q * w)).sum(1)
         return reduce_loss(loss.view(shape), reduction)
+    if w is None:                                          # on the CPU: the fused kernel of `native`, if it applies
+        out = smooth_ce(z, y[None], None, eps, ignore_index, reduction)
+        if out is not None: return out.view(shape) if reduction == 'none' else out
     all_valid = _check_targets(y, z.shape[1], ignore_index)
     if all_valid and w is None and reduction != 'none' and len(y):
         return _SmoothCEReduced.apply(z, y, eps, 1 / len(y) if reduction == 'mean' else 1.)
@@ -270,11 +274,15 @@ def mixed_loss(loss_func, # The user's loss: called as `loss_func(pred, *yb)`
                              f"{(t2.dtype, tuple(t2.shape)) if isinstance(t2, Tensor) else type(t2).__name__}")
         # flattened as `_flatten_ce` flattens `yb1`'s targets; the logits are not flattened (or copied) twice
         y1,y2 = y1.to(z.device),_plain(t2).reshape(-1).long().to(z.device)
-        for y in (y1, y2): _check_targets(y, z.shape[1], spec['ignore_index'])
         lam_e = lam.to(z.device, z.dtype)[:, None].expand(n, z.shape[0] // n).reshape(-1)
-        loss = _SmoothCE.apply(z, torch.stack([y1, y2]), torch.stack([lam_e, 1 - lam_e]),
-                               _weight(spec['weight'], z), float(spec['eps']), spec['ignore_index'])
-        red = spec['reduction']
+        ys,coefs,red = torch.stack([y1, y2]),torch.stack([lam_e, 1 - lam_e]),spec['reduction']
+        loss = None
+        if spec['weight'] is None:                         # on the CPU: the fused kernel of `native`, if it applies
+            loss = smooth_ce(z, ys, coefs, float(spec['eps']), spec['ignore_index'], red, mean_over_valid=False)
+            if loss is not None and red != 'none': return loss
+        if loss is None:
+            for y in (y1, y2): _check_targets(y, z.shape[1], spec['ignore_index'])
+            loss = _SmoothCE.apply(z, ys, coefs, _weight(spec['weight'], z), float(spec['eps']), spec['ignore_index'])
         return loss.view(n, -1).squeeze(1) if red == 'none' else reduce_loss(loss, red)
     red = loss_reduction(loss_func)
     with NoneReduce(loss_func) as lf:

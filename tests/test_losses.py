@@ -15,7 +15,7 @@ SEED_X = torch.tensor([
   [-1.417968750,1.099609375,-2.019531250,3.640625000,0.524902344,1.203125000,1.619140625,-0.686035156,-2.474609375,-1.802734375]])
 SEED_Y = torch.tensor([0, 3])
 
-def test_seed_000_numbers():
+def test_seed_000_numbers(backend):
     "Seed 000 cells 309-313 printed these"
     assert torch.allclose(LabelSmoothingCrossEntropy(reduction='none')(SEED_X, SEED_Y), torch.tensor([0.7381, 0.6839]), atol=5e-5)
     assert torch.allclose(LabelSmoothingCrossEntropy()(SEED_X, SEED_Y), torch.tensor(0.7110), atol=5e-5)
@@ -26,7 +26,7 @@ def test_seed_000_numbers():
 @pytest.mark.parametrize('weighted', [False, True])
 @pytest.mark.parametrize('ignore', [False, True])
 @pytest.mark.parametrize('shape', [(16, 7), (3, 7, 4, 5)])
-def test_equals_torch(eps, reduction, weighted, ignore, shape):
+def test_equals_torch(eps, reduction, weighted, ignore, shape, backend):
     g = torch.Generator().manual_seed(hash((eps, reduction, weighted, ignore, shape)) % 2**31)
     x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3
     t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
@@ -48,12 +48,12 @@ def test_functional_and_probability_targets():
         assert torch.allclose(label_smoothing_cross_entropy(x, p, 0.2, reduction=red),
                               F.cross_entropy(x, p, label_smoothing=0.2, reduction=red))
 
-def test_unbatched():
+def test_unbatched(backend):
     x,t = torch.randn(6, dtype=torch.float64),torch.tensor(2)
     assert torch.allclose(label_smoothing_cross_entropy(x, t, 0.1), F.cross_entropy(x, t, label_smoothing=0.1))
 
 @pytest.mark.parametrize('weighted', [False, True])
-def test_gradcheck_mixed_kernel(weighted):
+def test_gradcheck_mixed_kernel(weighted, backend):
     g = torch.Generator().manual_seed(3)
     z = torch.randn(7, 6, dtype=torch.float64, generator=g, requires_grad=True)
     ys = torch.randint(0, 6, (2, 7), generator=g); ys[0, 2] = -100
@@ -63,7 +63,7 @@ def test_gradcheck_mixed_kernel(weighted):
     assert torch.autograd.gradcheck(lambda z: label_smoothing_cross_entropy(z, ys[1], 0.2, w), (z,))
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_half_logits_computed_in_float32(dtype):
+def test_half_logits_computed_in_float32(dtype, backend):
     x = (torch.randn(32, 10) * 4).to(dtype)
     t = torch.randint(0, 10, (32,))
     ours = LabelSmoothingCrossEntropy()(x, t)
@@ -79,7 +79,7 @@ def test_bad_eps(eps):
     with pytest.raises((ValueError, TypeError), match='`eps`'): LabelSmoothingCrossEntropyFlat(eps=eps)
     with pytest.raises((ValueError, TypeError), match='`eps`'): LabelSmoothingBCEWithLogitsLossFlat(eps=eps)
 
-def test_bad_targets():
+def test_bad_targets(backend):
     lf = LabelSmoothingCrossEntropy()
     with pytest.raises(ValueError, match='class index 10, outside'): lf(SEED_X, torch.tensor([0, 10]))
     with pytest.raises(ValueError, match='class index -3'): lf(SEED_X, torch.tensor([-3, 1]))
@@ -87,7 +87,7 @@ def test_bad_targets():
     with pytest.raises(TypeError, match='integer class indices'): lf(SEED_X, torch.tensor([True, False]))
     with pytest.raises(ValueError, match='`weight`'): LabelSmoothingCrossEntropy(weight=torch.ones(3))(SEED_X, SEED_Y)
 
-def test_flat_axis_and_decodes():
+def test_flat_axis_and_decodes(backend):
     "fastai 2.8's Flat loss ignores `axis` in activation/decodes; ours does not"
     x = torch.randn(2, 5, 3, 4, dtype=torch.float64)
     t = torch.randint(0, 5, (2, 3, 4))
@@ -185,7 +185,7 @@ def test_temperature_and_pickle():
     lambda: nn.CrossEntropyLoss(label_smoothing=0.2), lambda: CrossEntropyLossFlat(),
     lambda: F.cross_entropy, lambda: partial(F.cross_entropy, label_smoothing=0.1, weight=torch.rand(6, dtype=torch.float64)),
     lambda: LabelSmoothingCrossEntropy(0.1, reduction='sum'), lambda: LabelSmoothingCrossEntropy(0.1, ignore_index=2)])
-def test_mixed_loss_fast_path_equals_two_pass_reference(make):
+def test_mixed_loss_fast_path_equals_two_pass_reference(make, backend):
     "One-pass mixed loss == lam*L(y1) + (1-lam)*L(y2), per item then reduced as the loss reduces"
     g = torch.Generator().manual_seed(0)
     pred = torch.randn(9, 6, dtype=torch.float64, generator=g)
@@ -197,7 +197,7 @@ def test_mixed_loss_fast_path_equals_two_pass_reference(make):
     ref = reduce_loss(ref, red)
     assert torch.allclose(mixed_loss(lf, pred, (y1,), (y2,), lam), ref, atol=1e-10)
 
-def test_mixed_loss_per_pixel():
+def test_mixed_loss_per_pixel(backend):
     g = torch.Generator().manual_seed(1)
     pred = torch.randn(3, 4, 5, 5, dtype=torch.float64, generator=g)
     m1,m2 = torch.randint(0, 4, (3, 5, 5), generator=g),torch.randint(0, 4, (3, 5, 5), generator=g)

@@ -47,7 +47,7 @@ LOSSES = {
 }
 
 @pytest.mark.parametrize('name', LOSSES)
-def test_mixup_loss_equals_reference(name):
+def test_mixup_loss_equals_reference(name, backend):
     make, ref = LOSSES[name]
     torch.manual_seed(0)
     dls,_,_ = make_dls()
