@@ -66,11 +66,20 @@ def pin_malloc(mode:str)->bool:
     except (OSError, AttributeError): return False
 
 # ---------------------------------------------------------------------------------------------------- contenders
+TORCH_OPS = 'ours, PyTorch ops'            # our loss with the native kernel switched off: its GPU / fallback path
+
+def _torch_ops(f):
+    from fastai_regularize.native import use_native
+    def g(*a):
+        with use_native(False): return f(*a)
+    return g
+
 def loss_contenders()->dict:
     from fastai_regularize.losses import LabelSmoothingCrossEntropy
     import fastai.losses as fl, timm.loss as tl
     return {
         'ours': LabelSmoothingCrossEntropy(EPS),
+        TORCH_OPS: _torch_ops(LabelSmoothingCrossEntropy(EPS)),
         'plain CE': F.cross_entropy,
         'torch LS': lambda z, y: F.cross_entropy(z, y, label_smoothing=EPS),
         'fastai LS': fl.LabelSmoothingCrossEntropy(EPS),
@@ -124,27 +133,31 @@ def bench_mixup_step(args, timer, dev)->dict:
         m = nn.Linear(D, C); m.load_state_dict(model0.state_dict())
         learn = Learner(dls, m.to(dev), loss_func=loss, opt_func=SGD, lr=1e-3, cbs=[mix, StepTimer()])
         return learn
+    from fastai_regularize.native import use_native
     learners = {'ours': make(MixUp(0.4), LabelSmoothingCrossEntropyFlat()),
+                TORCH_OPS: make(MixUp(0.4), LabelSmoothingCrossEntropyFlat()),
                 'fastai': make(fm.MixUp(0.4), fl.LabelSmoothingCrossEntropyFlat())}
     for l in learners.values():                                      # no progress bar, no printed metrics
         l.remove_cbs(l.cbs.filter(lambda c: type(c).__name__ == 'ProgressCallback')); l.logger = lambda *a, **k: None
-    def run(l):
+    def run(k):
+        l = learners[k]
         st = l.cbs.filter(lambda c: type(c).__name__ == 'StepTimer')[0]
         st.times = []
-        l.fit(1)
+        with use_native(k != TORCH_OPS): l.fit(1)
         return st.times[1:]                                          # the first batch of each fit warms up
     times = {k: [] for k in learners}
     names = list(learners)
     for r in range(args.step_reps + 1):
         for i in range(len(names)):
             k = names[(r + i) % len(names)]
-            t = run(learners[k])
+            t = run(k)
             if r: times[k] += t
     m = {k: med(v) for k, v in times.items()}
     loss_ok = all(l.loss_func.__class__.__module__.startswith(p) for l, p in
-                  zip(learners.values(), ('fastai_regularize', 'fastai.losses')))
+                  zip(learners.values(), ('fastai_regularize', 'fastai_regularize', 'fastai.losses')))
     print(f"  MixUp step: " + ", ".join(f"{k} {v*1e3:.2f} ms" for k, v in m.items()), flush=True)
     return dict(N=N, C=C, D=D, ms={k: v * 1e3 for k, v in m.items()}, ratio=m['ours'] / m['fastai'],
+                ratio_torch_ops=m[TORCH_OPS] / m['fastai'],
                 batches=len(times['ours']), loss_func_restored=loss_ok)
 
 # ---------------------------------------------------------------------------------------------------- before_batch
@@ -248,6 +261,10 @@ def machine(dev, args)->dict:
                 fastai=fastai.__version__, timm=timm.__version__, python=platform.python_version(),
                 device=str(dev), timer=args.timer, malloc_mmap_threshold_pinned=args.malloc_pinned, load_avg=os.getloadavg() if hasattr(os, 'getloadavg') else None)
     if dev.type == 'cuda': info['gpu'] = torch.cuda.get_device_name(dev)
+    from fastai_regularize.native import native_info
+    n = native_info()
+    info['native'] = ('fused CPU kernel' if dev.type == 'cpu' else 'PyTorch ops (the CPU kernel does not run on GPUs)') \
+        if n['available'] else f"PyTorch ops: CPU kernel unavailable ({n.get('error') or 'switched off'})"
     return info
 
 def goal(ok:bool)->str: return 'met' if ok else '**not met**'
@@ -263,20 +280,25 @@ def report(res:dict, args)->str:
          f"per contender after {args.warmup} warm-up.", '',
          ]
     if 'losses' in res: L += ['## 1. Label-smoothing cross-entropy, forward + backward, float32, eps=0.1', '',
-         '| N × C | ours ms | / plain CE | / torch LS | / fastai LS | / timm LS |', '|---|---|---|---|---|---|']
+         f"*ours* is what `LabelSmoothingCrossEntropy` runs here ({m['native']}); *{TORCH_OPS}* is the same loss "
+         "with the kernel switched off (`use_native(False)`): its path on GPUs, with class weights, or without a compiler.", '',
+         f'| N × C | ours ms | / plain CE | / torch LS | / fastai LS | / timm LS | {TORCH_OPS}: / plain CE | / torch LS |',
+         '|---|---|---|---|---|---|---|---|']
     for r in res.get('losses', []):
-        q = r['ratio']
-        L.append(f"| {r['N']} × {r['C']} | {r['ms']['ours']:.3f} | {q['plain CE']:.2f}x | {q['torch LS']:.2f}x | "
-                 f"{q['fastai LS']:.2f}x | {q['timm LS']:.2f}x |")
+        q, ms = r['ratio'], r['ms']
+        L.append(f"| {r['N']} × {r['C']} | {ms['ours']:.3f} | {q['plain CE']:.2f}x | {q['torch LS']:.2f}x | "
+                 f"{q['fastai LS']:.2f}x | {q['timm LS']:.2f}x | {ms[TORCH_OPS] / ms['plain CE']:.2f}x | "
+                 f"{ms[TORCH_OPS] / ms['torch LS']:.2f}x |")
     if 'losses' in res: L += ['', 'Milliseconds of every contender: ' + '; '.join(
         f"{r['N']}×{r['C']}: " + ', '.join(f"{k} {v:.3f}" for k, v in r['ms'].items()) for r in res['losses']), '']
     if 'mixup_step' in res:
         s = res['mixup_step']
         L += ['## 2. MixUp + label smoothing training step', '',
               f"Learner on `nn.Linear({s['D']}, {s['C']})`, batch {s['N']}, SGD; time from `before_batch` to `after_step`, "
-              f"{s['batches']} batches per learner, the two learners' fits interleaved.", '',
-              '| ours ms | fastai ms | ours / fastai |', '|---|---|---|',
-              f"| {s['ms']['ours']:.2f} | {s['ms']['fastai']:.2f} | {s['ratio']:.2f}x |", '']
+              f"{s['batches']} batches per learner, the learners' fits interleaved.", '',
+              f'| ours ms | {TORCH_OPS} ms | fastai ms | ours / fastai | {TORCH_OPS} / fastai |', '|---|---|---|---|---|',
+              f"| {s['ms']['ours']:.2f} | {s['ms'][TORCH_OPS]:.2f} | {s['ms']['fastai']:.2f} | {s['ratio']:.2f}x | "
+              f"{s['ratio_torch_ops']:.2f}x |", '']
     if 'before_batch' in res:
         b = res['before_batch']
         L += ['## 3. MixUp `before_batch`', '',
