@@ -17,14 +17,13 @@ from torch.autograd.function import once_differentiable
 __all__ = ['native_info', 'use_native', 'smooth_ce']
 
 # %% ../nbs/01a_native.ipynb #cf186b56
-_VERSION = 2
+_VERSION = 3
 
 _SOURCE = r"""
 /* fastai_regularize native kernels: label-smoothed, K-target cross-entropy over the rows of a logits matrix. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#include <pthread.h>
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && !defined(FR_NO_CLONES)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -114,26 +113,29 @@ static void *bwd_job(void *p) {
     return NULL;
 }
 
-#define MAX_THREADS 64
-#define MIN_WORK 65536   /* logits per thread: below this, starting a thread costs more than it saves */
+#define MAX_THREADS 256
+#define MIN_WORK 65536   /* logits per thread: below this, waking a thread costs more than it saves */
 
-/* Rows split into contiguous blocks, one per thread; the calling thread takes the first. Returns the sum of `bad`. */
+/* Rows split into contiguous blocks, one per thread. Built with -fopenmp the blocks run on the OpenMP pool, which
+   is PyTorch's own where PyTorch uses libgomp (the library shares its soname, so the loader maps one copy):
+   no second pool competes with PyTorch's spinning threads. Without OpenMP the blocks run one after another. */
 static int64_t run(job_t *base, int nthreads, void *(*fn)(void *)) {
     int64_t nt = nthreads < 1 ? 1 : nthreads, per = base->N * base->C / MIN_WORK;
     if (nt > MAX_THREADS) nt = MAX_THREADS;
     if (nt > per) nt = per;
     if (nt > base->N) nt = base->N;
     if (nt < 1) nt = 1;
-    job_t jobs[MAX_THREADS]; pthread_t th[MAX_THREADS]; int started[MAX_THREADS];
+    if (nt == 1) { base->r0 = 0; base->r1 = base->N; base->bad = 0; fn(base); return base->bad; }
+    job_t jobs[MAX_THREADS];
     for (int64_t t = 0; t < nt; t++) { jobs[t] = *base; jobs[t].r0 = base->N * t / nt; jobs[t].r1 = base->N * (t + 1) / nt; jobs[t].bad = 0; }
-    for (int64_t t = 1; t < nt; t++) started[t] = pthread_create(&th[t], NULL, fn, &jobs[t]) == 0;
-    fn(&jobs[0]);
-    int64_t bad = jobs[0].bad;
-    for (int64_t t = 1; t < nt; t++) { if (started[t]) pthread_join(th[t], NULL); else fn(&jobs[t]); bad += jobs[t].bad; }
+    #pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int64_t t = 0; t < nt; t++) fn(&jobs[t]);
+    int64_t bad = 0;
+    for (int64_t t = 0; t < nt; t++) bad += jobs[t].bad;
     return bad;
 }
 
-int fr_version(void) { return 2; }
+int fr_version(void) { return 3; }
 
 /* Index of the first target outside [0, C) that is not `ignore`, or -1; `*n_valid` counts the others. */
 int64_t fr_check_targets(const int64_t *y, int64_t n, int64_t C, int64_t ignore, int64_t *n_valid) {
@@ -169,7 +171,9 @@ void fr_sce_backward(int dbl, const void *z, void *grad, int64_t N, int64_t C, c
 """
 
 # %% ../nbs/01a_native.ipynb #0ad4c496
-_FLAGS = ['-O3', '-fno-math-errno', '-fopenmp-simd', '-fPIC', '-shared', '-std=gnu99', '-pthread']
+_FLAGS = ['-O3', '-fno-math-errno', '-fopenmp-simd', '-fPIC', '-shared', '-std=gnu99']
+# tried in order: threads and per-CPU vector code; threads only; neither (a compiler without OpenMP or target_clones)
+_VARIANTS = (['-fopenmp'], ['-fopenmp', '-DFR_NO_CLONES'], ['-DFR_NO_CLONES'])
 
 class _State(threading.local): pass
 
@@ -228,7 +232,8 @@ def _load():
     try: d = _cache_dir()
     except OSError as e: return None, str(e)
     errors = []
-    for flags in (_FLAGS, _FLAGS + ['-DFR_NO_CLONES']):          # compilers without target_clones get one arch
+    for extra in _VARIANTS:
+        flags = _FLAGS + extra
         key = hashlib.sha256('\0'.join([_SOURCE, cc, *flags, platform.machine(), sys.platform]).encode()).hexdigest()[:16]
         path = d/f'fr_native_{_VERSION}_{key}.so'
         for attempt in range(2):                                   # a cached file that does not load is rebuilt once
@@ -241,7 +246,7 @@ def _load():
             except (OSError, AttributeError) as e:
                 errors.append(f'{type(e).__name__}: {e}')
                 continue
-            _info['path'] = str(path)
+            _info['path'],_info['openmp'] = str(path),'-fopenmp' in flags
             return lib, None
     return None, 'the kernel did not build or load: ' + ' | '.join(errors)
 

@@ -189,3 +189,31 @@ def test_smooth_ce_rejects_misshapen_targets():
     with pytest.raises(ValueError, match=r'expected \(K, 4\)'): smooth_ce(z, torch.zeros(4, dtype=torch.long), None, 0.1, -100, 'mean')
     with pytest.raises(ValueError, match=r'expected \(K, 4\)'):
         smooth_ce(z, torch.zeros(2, 4, dtype=torch.long), torch.ones(1, 4), 0.1, -100, 'mean')
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or not HAVE_CC, reason='Linux with a C compiler')
+def test_one_openmp_runtime_shared_with_pytorch():
+    "Built with OpenMP, the kernel runs on the libgomp PyTorch already loaded: one copy is mapped, not two"
+    r = _run("""
+        import torch
+        from fastai_regularize.native import native_info
+        from fastai_regularize.losses import LabelSmoothingCrossEntropy
+        torch.set_num_threads(2)
+        z = torch.randn(512, 1000, requires_grad=True)
+        LabelSmoothingCrossEntropy()(z, torch.randint(0, 1000, (512,))).backward()
+        maps = {l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l or 'libomp' in l or 'libiomp' in l}
+        print(native_info()['openmp'], len(maps))
+        """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ['True', '1'], r.stdout
+
+@pytest.mark.skipif(not HAVE_CC or sys.platform == 'win32', reason='no C compiler')
+def test_compiler_without_openmp_builds_the_serial_kernel(tmp_path):
+    "A compiler that refuses -fopenmp gets the variant without threads, which gives the same numbers"
+    cc = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')
+    fake = tmp_path/'cc'
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {cc} "$@"\n')
+    fake.chmod(0o755)
+    r = _run(CHECK + "print(i['openmp'])", CC=str(fake), FASTAI_REGULARIZE_CACHE=str(tmp_path/'cache'))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split('\n')
+    assert lines[0].startswith('True ') and lines[1] == 'False', r.stdout     # available, without OpenMP
