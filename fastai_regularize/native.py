@@ -252,16 +252,18 @@ def _load():
 
 def _selftest(lib)->str|None:
     "The loaded kernel against PyTorch on a small case in both precisions; a description of any difference"
-    g = torch.Generator().manual_seed(0)
-    for dt, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
-        z = (torch.randn(5, 37, generator=g, dtype=torch.float64) * 4).to(dt).requires_grad_()
-        y = torch.randint(0, 37, (5,), generator=g)
-        ref = torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1)
-        gr, = torch.autograd.grad(ref, z)
-        out = _SmoothCENative.apply(z, y[None].contiguous(), None, 0.1, -100, 'mean', 5, lib)
-        go, = torch.autograd.grad(out, z)
-        if not (abs(out.item() - ref.item()) <= tol * 10 and (go - gr).abs().max().item() <= tol):
-            return f'self-test failed for {dt}: loss {out.item()} vs {ref.item()}'
+    # the first use may come under no_grad or inference_mode (get_preds, predict): the check needs autograd
+    with torch.inference_mode(False), torch.enable_grad():
+        g = torch.Generator().manual_seed(0)
+        for dt, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+            z = (torch.randn(5, 37, generator=g, dtype=torch.float64) * 4).to(dt).requires_grad_()
+            y = torch.randint(0, 37, (5,), generator=g)
+            ref = torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1)
+            gr, = torch.autograd.grad(ref, z)
+            out = _SmoothCENative.apply(z, y[None].contiguous(), None, 0.1, -100, 'mean', 5, lib)
+            go, = torch.autograd.grad(out, z)
+            if not (abs(out.item() - ref.item()) <= tol * 10 and (go - gr).abs().max().item() <= tol):
+                return f'self-test failed for {dt}: loss {out.item()} vs {ref.item()}'
     return None
 
 def _native_lib():
@@ -271,8 +273,10 @@ def _native_lib():
     if _lib is None and 'error' not in _info:
         with _lock:
             if _lib is None and 'error' not in _info:
-                lib, err = _load()
-                if lib is not None: err = _selftest(lib)
+                try:
+                    lib, err = _load()
+                    if lib is not None: err = _selftest(lib)
+                except Exception as e: lib, err = None, f'{type(e).__name__}: {e}'    # never the user's problem
                 if err: _info['error'] = err
                 else: _lib = lib
     return _lib

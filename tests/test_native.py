@@ -217,3 +217,19 @@ def test_compiler_without_openmp_builds_the_serial_kernel(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split('\n')
     assert lines[0].startswith('True ') and lines[1] == 'False', r.stdout     # available, without OpenMP
+
+@pytest.mark.skipif(not HAVE_CC or sys.platform == 'win32', reason='no C compiler')
+@pytest.mark.parametrize('ctx', ['torch.no_grad()', 'torch.inference_mode()'])
+def test_first_use_under_no_grad(ctx):
+    "The kernel's first use may be in get_preds/predict, under no_grad or inference_mode: its self-test still runs"
+    r = _run(f"""
+        import torch, torch.nn.functional as F
+        from fastai_regularize.native import native_info
+        from fastai_regularize.losses import LabelSmoothingCrossEntropy
+        z, y = torch.randn(8, 5), torch.randint(0, 5, (8,))
+        with {ctx}: l = LabelSmoothingCrossEntropy()(z, y)
+        assert torch.allclose(l, F.cross_entropy(z, y, label_smoothing=0.1)), 'wrong loss'
+        print(native_info()['available'], native_info().get('error'))
+        """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ['True', 'None'], r.stdout
