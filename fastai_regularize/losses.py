@@ -151,9 +151,8 @@ def label_smoothing_cross_entropy(
         logp = F.log_softmax(z, 1)
         loss = -((logp * q) if w is None else (logp * q * w)).sum(1)
         return reduce_loss(loss.view(shape), reduction)
-    if w is None:                                          # on the CPU: the fused kernel of `native`, if it applies
-        out = smooth_ce(z, y[None], None, eps, ignore_index, reduction)
-        if out is not None: return out.view(shape) if reduction == 'none' else out
+    out = smooth_ce(z, y[None], None, eps, ignore_index, reduction, weight=w)   # the CPU kernel of `native`, if it applies
+    if out is not None: return out.view(shape) if reduction == 'none' else out
     all_valid = _check_targets(y, z.shape[1], ignore_index)
     if all_valid and w is None and reduction != 'none' and len(y):
         return _SmoothCEReduced.apply(z, y, eps, 1 / len(y) if reduction == 'mean' else 1.)
@@ -276,13 +275,13 @@ def mixed_loss(loss_func, # The user's loss: called as `loss_func(pred, *yb)`
         y1,y2 = y1.to(z.device),_plain(t2).reshape(-1).long().to(z.device)
         lam_e = lam.to(z.device, z.dtype)[:, None].expand(n, z.shape[0] // n).reshape(-1)
         ys,coefs,red = torch.stack([y1, y2]),torch.stack([lam_e, 1 - lam_e]),spec['reduction']
-        loss = None
-        if spec['weight'] is None:                         # on the CPU: the fused kernel of `native`, if it applies
-            loss = smooth_ce(z, ys, coefs, float(spec['eps']), spec['ignore_index'], red, mean_over_valid=False)
-            if loss is not None and red != 'none': return loss
+        w = _weight(spec['weight'], z)
+        # the CPU kernel of `native`, if it applies
+        loss = smooth_ce(z, ys, coefs, float(spec['eps']), spec['ignore_index'], red, mean_over_valid=False, weight=w)
+        if loss is not None and red != 'none': return loss
         if loss is None:
             for y in (y1, y2): _check_targets(y, z.shape[1], spec['ignore_index'])
-            loss = _SmoothCE.apply(z, ys, coefs, _weight(spec['weight'], z), float(spec['eps']), spec['ignore_index'])
+            loss = _SmoothCE.apply(z, ys, coefs, w, float(spec['eps']), spec['ignore_index'])
         return loss.view(n, -1).squeeze(1) if red == 'none' else reduce_loss(loss, red)
     red = loss_reduction(loss_func)
     with NoneReduce(loss_func) as lf:

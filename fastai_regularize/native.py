@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 __all__ = ['native_info', 'use_native', 'smooth_ce']
 
 # %% ../nbs/01a_native.ipynb #cf186b56
-_VERSION = 3
+_VERSION = 4
 
 _SOURCE = r"""
 /* fastai_regularize native kernels: label-smoothed, K-target cross-entropy over the rows of a logits matrix. */
@@ -49,45 +49,64 @@ static inline float exp_f(float x) {
 }
 static inline double exp_d(double x) { return exp(x); }
 
-/* Per row: m = max, ls = log sum e^(x - m) (so lse = m + ls), and, with S = sum of the valid targets' weights,
-   loss = S ls + (1 - eps) sum_k a_k (m - x[y_k]) - eps S mean(x - m): every term is formed from x - m, which is
-   exact near the max, as in PyTorch's log-softmax. */
+/* Per row, with m = max, ls = log sum e^(x - m) (so -log p_c = ls + m - x_c), class weights w (W = sum w, or
+   w = 1, W = C without them), a_k the weight of target k (0 if ignored) and S = sum a_k, PyTorch's formula:
+     loss = (1 - eps) sum_k a_k w[y_k] (ls + m - x[y_k]) + S eps / C (W ls - sum_c w_c (x_c - m))
+   every term formed from x - m, which is exact near the max, as in PyTorch's log-softmax. */
 #define ROWS(T, SFX, EXP, LOG)                                                                                    \
 CLONES static int64_t fwd_##SFX(const T *z, int64_t N, int64_t C, const int64_t *y, int64_t K, const T *a,      \
-                                T eps, int64_t ignore, T *mx, T *lsum, T *loss, int64_t r0, int64_t r1) {       \
+                                const T *w, T W, T eps, int64_t ignore, T *mx, T *lsum, T *loss,                \
+                                int64_t r0, int64_t r1) {                                                        \
     int64_t bad = 0;                                                                                             \
     for (int64_t i = r0; i < r1; i++) {                                                                          \
         const T *x = z + i * C;                                                                                  \
         T m = -INFINITY;                                                                                         \
         _Pragma("omp simd reduction(max:m)")                                                                     \
         for (int64_t j = 0; j < C; j++) m = x[j] > m ? x[j] : m;                                                 \
-        T se = 0, sd = 0;                                                                                        \
-        _Pragma("omp simd reduction(+:se) reduction(+:sd)")                                                      \
-        for (int64_t j = 0; j < C; j++) { T d = x[j] - m; se += EXP(d); sd += d; }                               \
+        T se = 0, sd = 0, swd = 0;                                                                               \
+        if (w) {                                                                                                 \
+            _Pragma("omp simd reduction(+:se) reduction(+:sd) reduction(+:swd)")                                 \
+            for (int64_t j = 0; j < C; j++) { T d = x[j] - m; se += EXP(d); sd += d; swd += w[j] * d; }          \
+        } else {                                                                                                 \
+            _Pragma("omp simd reduction(+:se) reduction(+:sd)")                                                  \
+            for (int64_t j = 0; j < C; j++) { T d = x[j] - m; se += EXP(d); sd += d; }                           \
+            swd = sd;                                                                                            \
+        }                                                                                                        \
         if (!isfinite(sd)) { bad++; mx[i] = lsum[i] = loss[i] = NAN; continue; }  /* an inf or a nan */         \
-        T ls = LOG(se), S = 0, t = 0;                                                                            \
+        T ls = LOG(se), S = 0, A = 0, t = 0;                                                                     \
         for (int64_t k = 0; k < K; k++) {                                                                        \
             int64_t c = y[k * N + i]; if (c == ignore) continue;                                                 \
-            T ak = a ? a[k * N + i] : (T)1; S += ak; t += ak * (m - x[c]);                                       \
+            T ak = a ? a[k * N + i] : (T)1, awk = ak * (w ? w[c] : (T)1);                                        \
+            S += ak; A += awk; t += awk * (m - x[c]);                                                            \
         }                                                                                                        \
         mx[i] = m; lsum[i] = ls;                                                                                 \
-        loss[i] = S * ls + (1 - eps) * t - (eps != 0 ? eps * S * sd / (T)C : (T)0);                              \
+        loss[i] = (1 - eps) * (A * ls + t) + (eps != 0 ? S * eps / (T)C * (W * ls - swd) : (T)0);                \
     }                                                                                                            \
     return bad;                                                                                                  \
 }                                                                                                                \
 CLONES static void bwd_##SFX(const T *z, T *o, int64_t N, int64_t C, const int64_t *y, int64_t K, const T *a,   \
-                             T eps, int64_t ignore, const T *mx, const T *lsum, const T *g, int64_t gs,          \
-                             T scale, int64_t r0, int64_t r1) {                                                  \
+                             const T *w, T W, T eps, int64_t ignore, const T *mx, const T *lsum, const T *g,     \
+                             int64_t gs, T scale, int64_t r0, int64_t r1) {                                      \
     for (int64_t i = r0; i < r1; i++) {                                                                          \
         const T *x = z + i * C; T *oi = o + i * C;                                                               \
-        T S = 0;                                                                                                 \
-        for (int64_t k = 0; k < K; k++) if (y[k * N + i] != ignore) S += a ? a[k * N + i] : (T)1;                \
-        T c = g[i * gs] * scale, cS = c * S, sub = cS * eps / (T)C, m = mx[i], ls = lsum[i];                     \
-        _Pragma("omp simd")                                                                                      \
-        for (int64_t j = 0; j < C; j++) oi[j] = cS * EXP((x[j] - m) - ls) - sub;                                 \
+        T S = 0, A = 0;                                                                                          \
+        for (int64_t k = 0; k < K; k++) {                                                                        \
+            int64_t c = y[k * N + i]; if (c == ignore) continue;                                                 \
+            T ak = a ? a[k * N + i] : (T)1; S += ak; A += ak * (w ? w[c] : (T)1);                                \
+        }                                                                                                        \
+        /* d loss / dz_c = p_c ((1 - eps) A + S eps W / C) - S eps w_c / C - (1 - eps) sum_k a_k w[y_k] [c = y_k] */ \
+        T c = g[i * gs] * scale, P = c * ((1 - eps) * A + S * eps * W / (T)C), B = c * S * eps / (T)C;           \
+        T m = mx[i], ls = lsum[i];                                                                               \
+        if (w) {                                                                                                 \
+            _Pragma("omp simd")                                                                                  \
+            for (int64_t j = 0; j < C; j++) oi[j] = P * EXP((x[j] - m) - ls) - B * w[j];                         \
+        } else {                                                                                                 \
+            _Pragma("omp simd")                                                                                  \
+            for (int64_t j = 0; j < C; j++) oi[j] = P * EXP((x[j] - m) - ls) - B;                                \
+        }                                                                                                        \
         for (int64_t k = 0; k < K; k++) {                                                                        \
             int64_t cl = y[k * N + i]; if (cl == ignore) continue;                                               \
-            oi[cl] -= c * (1 - eps) * (a ? a[k * N + i] : (T)1);                                                 \
+            oi[cl] -= c * (1 - eps) * (a ? a[k * N + i] : (T)1) * (w ? w[cl] : (T)1);                            \
         }                                                                                                        \
     }                                                                                                            \
 }
@@ -96,20 +115,23 @@ ROWS(float, f, exp_f, logf)
 ROWS(double, d, exp_d, log)
 
 typedef struct {
-    int dbl; const void *z; void *o; int64_t N, C; const int64_t *y; int64_t K; const void *a; double eps;
-    int64_t ignore; void *mx, *ls, *loss; const void *g; int64_t gs; double scale; int64_t r0, r1, bad;
+    int dbl; const void *z; void *o; int64_t N, C; const int64_t *y; int64_t K; const void *a; const void *w;
+    double W, eps; int64_t ignore; void *mx, *ls, *loss; const void *g; int64_t gs; double scale; int64_t r0, r1, bad;
 } job_t;
 
 static void *fwd_job(void *p) {
     job_t *j = (job_t *)p;
-    j->bad = j->dbl ? fwd_d(j->z, j->N, j->C, j->y, j->K, j->a, j->eps, j->ignore, j->mx, j->ls, j->loss, j->r0, j->r1)
-                    : fwd_f(j->z, j->N, j->C, j->y, j->K, j->a, (float)j->eps, j->ignore, j->mx, j->ls, j->loss, j->r0, j->r1);
+    j->bad = j->dbl ? fwd_d(j->z, j->N, j->C, j->y, j->K, j->a, j->w, j->W, j->eps, j->ignore, j->mx, j->ls, j->loss, j->r0, j->r1)
+                    : fwd_f(j->z, j->N, j->C, j->y, j->K, j->a, j->w, (float)j->W, (float)j->eps, j->ignore, j->mx, j->ls,
+                            j->loss, j->r0, j->r1);
     return NULL;
 }
 static void *bwd_job(void *p) {
     job_t *j = (job_t *)p;
-    if (j->dbl) bwd_d(j->z, j->o, j->N, j->C, j->y, j->K, j->a, j->eps, j->ignore, j->mx, j->ls, j->g, j->gs, j->scale, j->r0, j->r1);
-    else bwd_f(j->z, j->o, j->N, j->C, j->y, j->K, j->a, (float)j->eps, j->ignore, j->mx, j->ls, j->g, j->gs, (float)j->scale, j->r0, j->r1);
+    if (j->dbl) bwd_d(j->z, j->o, j->N, j->C, j->y, j->K, j->a, j->w, j->W, j->eps, j->ignore, j->mx, j->ls, j->g, j->gs,
+                      j->scale, j->r0, j->r1);
+    else bwd_f(j->z, j->o, j->N, j->C, j->y, j->K, j->a, j->w, (float)j->W, (float)j->eps, j->ignore, j->mx, j->ls, j->g,
+               j->gs, (float)j->scale, j->r0, j->r1);
     return NULL;
 }
 
@@ -135,25 +157,36 @@ static int64_t run(job_t *base, int nthreads, void *(*fn)(void *)) {
     return bad;
 }
 
-int fr_version(void) { return 3; }
+static double wsum(int dbl, const void *w, int64_t C) {
+    double s = 0;
+    if (!w) return (double)C;
+    for (int64_t c = 0; c < C; c++) s += dbl ? ((const double *)w)[c] : (double)((const float *)w)[c];
+    return s;
+}
 
-/* Index of the first target outside [0, C) that is not `ignore`, or -1; `*n_valid` counts the others. */
-int64_t fr_check_targets(const int64_t *y, int64_t n, int64_t C, int64_t ignore, int64_t *n_valid) {
-    int64_t v = 0;
+int fr_version(void) { return 4; }
+
+/* Index of the first target outside [0, C) that is not `ignore`, or -1; `*n_valid` counts the others and `*w_valid`
+   sums their class weights (`w`, or 1 each). */
+int64_t fr_check_targets(const int64_t *y, int64_t n, int64_t C, int64_t ignore, int dbl, const void *w,
+                         int64_t *n_valid, double *w_valid) {
+    int64_t v = 0; double s = 0;
     for (int64_t i = 0; i < n; i++) {
         if (y[i] == ignore) continue;
         if (y[i] < 0 || y[i] >= C) return i;
         v++;
+        s += !w ? 1.0 : dbl ? ((const double *)w)[y[i]] : (double)((const float *)w)[y[i]];
     }
-    *n_valid = v;
+    *n_valid = v; *w_valid = s;
     return -1;
 }
 
 /* Per-row loss, max and log-sum-exp below the max; `*total` = sum of the row losses in double. Returns the number
    of rows holding a non-finite logit (their loss is NaN and the caller should not use the result). */
 int64_t fr_sce_forward(int dbl, const void *z, int64_t N, int64_t C, const int64_t *y, int64_t K, const void *a,
-                       double eps, int64_t ignore, void *mx, void *ls, void *loss, double *total, int nthreads) {
-    job_t b = {dbl, z, NULL, N, C, y, K, a, eps, ignore, mx, ls, loss, NULL, 0, 1.0, 0, N, 0};
+                       const void *w, double eps, int64_t ignore, void *mx, void *ls, void *loss, double *total,
+                       int nthreads) {
+    job_t b = {dbl, z, NULL, N, C, y, K, a, w, wsum(dbl, w, C), eps, ignore, mx, ls, loss, NULL, 0, 1.0, 0, N, 0};
     int64_t bad = run(&b, nthreads, fwd_job);
     double s = 0;
     for (int64_t i = 0; i < N; i++) s += dbl ? ((const double *)loss)[i] : (double)((const float *)loss)[i];
@@ -163,9 +196,10 @@ int64_t fr_sce_forward(int dbl, const void *z, int64_t N, int64_t C, const int64
 
 /* grad[i, :] = g[i * gs] * scale * d(loss_i)/dz_i, written over the whole of `grad` (N x C, contiguous). */
 void fr_sce_backward(int dbl, const void *z, void *grad, int64_t N, int64_t C, const int64_t *y, int64_t K,
-                     const void *a, double eps, int64_t ignore, const void *mx, const void *ls, const void *g,
-                     int64_t gs, double scale, int nthreads) {
-    job_t b = {dbl, z, grad, N, C, y, K, a, eps, ignore, (void *)mx, (void *)ls, NULL, g, gs, scale, 0, N, 0};
+                     const void *a, const void *w, double eps, int64_t ignore, const void *mx, const void *ls,
+                     const void *g, int64_t gs, double scale, int nthreads) {
+    job_t b = {dbl, z, grad, N, C, y, K, a, w, wsum(dbl, w, C), eps, ignore, (void *)mx, (void *)ls, NULL, g, gs, scale,
+               0, N, 0};
     run(&b, nthreads, bwd_job);
 }
 """
@@ -216,10 +250,11 @@ def _compile(cc:str, flags:list, out:Path)->str|None:
 def _declare(lib):
     P, I, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     lib.fr_version.restype = ctypes.c_int
-    lib.fr_check_targets.argtypes = [P, I, I, I, ctypes.POINTER(I)]; lib.fr_check_targets.restype = I
-    lib.fr_sce_forward.argtypes = [ctypes.c_int, P, I, I, P, I, P, D, I, P, P, P, ctypes.POINTER(D), ctypes.c_int]
+    lib.fr_check_targets.argtypes = [P, I, I, I, ctypes.c_int, P, ctypes.POINTER(I), ctypes.POINTER(D)]
+    lib.fr_check_targets.restype = I
+    lib.fr_sce_forward.argtypes = [ctypes.c_int, P, I, I, P, I, P, P, D, I, P, P, P, ctypes.POINTER(D), ctypes.c_int]
     lib.fr_sce_forward.restype = I
-    lib.fr_sce_backward.argtypes = [ctypes.c_int, P, P, I, I, P, I, P, D, I, P, P, P, I, D, ctypes.c_int]
+    lib.fr_sce_backward.argtypes = [ctypes.c_int, P, P, I, I, P, I, P, P, D, I, P, P, P, I, D, ctypes.c_int]
     lib.fr_sce_backward.restype = None
     return lib
 
@@ -255,12 +290,14 @@ def _selftest(lib)->str|None:
     # the first use may come under no_grad or inference_mode (get_preds, predict): the check needs autograd
     with torch.inference_mode(False), torch.enable_grad():
         g = torch.Generator().manual_seed(0)
-        for dt, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        for dt, tol, weighted in ((torch.float32, 1e-5, False), (torch.float64, 1e-12, True)):
             z = (torch.randn(5, 37, generator=g, dtype=torch.float64) * 4).to(dt).requires_grad_()
             y = torch.randint(0, 37, (5,), generator=g)
-            ref = torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1)
+            w = (torch.rand(37, generator=g, dtype=torch.float64) + .5).to(dt) if weighted else None
+            ref = torch.nn.functional.cross_entropy(z, y, weight=w, label_smoothing=0.1)
             gr, = torch.autograd.grad(ref, z)
-            out = _SmoothCENative.apply(z, y[None].contiguous(), None, 0.1, -100, 'mean', 5, lib)
+            n = 5 if w is None else w[y].sum().item()
+            out = _SmoothCENative.apply(z, y[None].contiguous(), None, w, 0.1, -100, 'mean', n, lib)
             go, = torch.autograd.grad(out, z)
             if not (abs(out.item() - ref.item()) <= tol * 10 and (go - gr).abs().max().item() <= tol):
                 return f'self-test failed for {dt}: loss {out.item()} vs {ref.item()}'
@@ -302,16 +339,17 @@ class _Fallback(Exception): "A row held a non-finite logit: the caller recompute
 def _p(t:Tensor|None)->int|None: return None if t is None else t.data_ptr()
 
 class _SmoothCENative(torch.autograd.Function):
-    "Label-smoothed CE of `z` (M, C) against K targets `ys` (K, M) weighted by `coefs` (K, M) or 1, reduced"
+    "Label-smoothed CE of `z` (M, C) against K targets `ys` (K, M) weighted by `coefs` (K, M) or 1, class `weight` or 1, reduced"
     @staticmethod
-    def forward(ctx, z:Tensor, ys:Tensor, coefs:Tensor|None, eps:float, ignore_index:int, reduction:str, n:int, lib):
+    def forward(ctx, z:Tensor, ys:Tensor, coefs:Tensor|None, weight:Tensor|None, eps:float, ignore_index:int,
+                reduction:str, n:float, lib):
         M, C = z.shape
         mx, ls, loss, total = z.new_empty(M), z.new_empty(M), z.new_empty(M), ctypes.c_double()
         dbl = int(z.dtype == torch.float64)
-        if lib.fr_sce_forward(dbl, _p(z), M, C, _p(ys), ys.shape[0], _p(coefs), eps, ignore_index,
+        if lib.fr_sce_forward(dbl, _p(z), M, C, _p(ys), ys.shape[0], _p(coefs), _p(weight), eps, ignore_index,
                               _p(mx), _p(ls), _p(loss), ctypes.byref(total), torch.get_num_threads()):
             raise _Fallback()
-        ctx.save_for_backward(z, ys, coefs, mx, ls)
+        ctx.save_for_backward(z, ys, coefs, weight, mx, ls)
         ctx.eps, ctx.ignore_index, ctx.lib = eps, ignore_index, lib
         ctx.scale = 1. if reduction != 'mean' else 1 / n
         return loss if reduction == 'none' else torch.tensor(total.value * ctx.scale, dtype=z.dtype)
@@ -319,14 +357,14 @@ class _SmoothCENative(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g:Tensor):
-        z, ys, coefs, mx, ls = ctx.saved_tensors
+        z, ys, coefs, weight, mx, ls = ctx.saved_tensors
         M, C = z.shape
         g = g.to(z.dtype)
         grad = torch.empty_like(z)
         ctx.lib.fr_sce_backward(int(z.dtype == torch.float64), _p(z), _p(grad), M, C, _p(ys), ys.shape[0], _p(coefs),
-                                ctx.eps, ctx.ignore_index, _p(mx), _p(ls), _p(g), g.stride(0) if g.ndim else 0, ctx.scale,
+                                _p(weight), ctx.eps, ctx.ignore_index, _p(mx), _p(ls), _p(g), g.stride(0) if g.ndim else 0, ctx.scale,
                                 torch.get_num_threads())
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 # %% ../nbs/01a_native.ipynb #e79151ad
 def smooth_ce(z:Tensor, # Logits (M, C)
@@ -335,22 +373,26 @@ def smooth_ce(z:Tensor, # Logits (M, C)
               eps:float, # Label smoothing
               ignore_index:int, # Target value that contributes nothing
               reduction:str, # 'mean', 'sum' or 'none'
-              mean_over_valid:bool=True, # 'mean' divides by the number of non-ignored targets (else by M)
+              mean_over_valid:bool=True, # 'mean' divides by the non-ignored targets' weight, as PyTorch (else by M)
+              weight:Tensor|None=None, # Class weights (C,), as `F.cross_entropy`'s
              )->Tensor|None:
-    "`sum_k coefs[k] * F.cross_entropy(z, ys[k], label_smoothing=eps)` reduced, by the native kernel; None if it does not apply"
+    "`sum_k coefs[k] * F.cross_entropy(z, ys[k], weight, label_smoothing=eps)` reduced, by the native kernel; None if it does not apply"
     if z.device.type != 'cpu' or z.dtype not in (torch.float32, torch.float64) or z.ndim != 2 or not z.numel(): return None
     lib = _native_lib()
     if lib is None: return None
     # the C code trusts its pointers: CPU memory, int64 indices, (K, M) shapes
-    if ys.device != z.device or (coefs is not None and coefs.device != z.device): return None  # PyTorch's error then
+    if any(t is not None and t.device != z.device for t in (ys, coefs, weight)): return None  # PyTorch's error then
     if ys.ndim != 2 or ys.shape[1] != z.shape[0] or (coefs is not None and coefs.shape != ys.shape):
         raise ValueError(f"smooth_ce: targets {tuple(ys.shape)} and coefs {None if coefs is None else tuple(coefs.shape)} "
                          f"do not fit logits {tuple(z.shape)}: expected (K, {z.shape[0]}) both")
+    if weight is not None and weight.shape != z.shape[1:]:
+        raise ValueError(f"smooth_ce: `weight` must have shape ({z.shape[1]},), got {tuple(weight.shape)}")
     z, ys = z.contiguous(), ys.to(torch.int64).contiguous()
-    if coefs is not None: coefs = coefs.to(z.dtype).contiguous()
-    n_valid = ctypes.c_int64()
-    if lib.fr_check_targets(_p(ys), ys.numel(), z.shape[1], ignore_index, ctypes.byref(n_valid)) >= 0: return None
-    n = n_valid.value if mean_over_valid else z.shape[0]
-    if reduction == 'mean' and n == 0: return None             # PyTorch's 0/0
-    try: return _SmoothCENative.apply(z, ys, coefs, float(eps), int(ignore_index), reduction, n, lib)
+    coefs, weight = (None if t is None else t.to(z.dtype).contiguous() for t in (coefs, weight))
+    n_valid, w_valid = ctypes.c_int64(), ctypes.c_double()
+    if lib.fr_check_targets(_p(ys), ys.numel(), z.shape[1], ignore_index, int(z.dtype == torch.float64), _p(weight),
+                            ctypes.byref(n_valid), ctypes.byref(w_valid)) >= 0: return None
+    n = w_valid.value if mean_over_valid else z.shape[0]
+    if reduction == 'mean' and (n == 0 or not n_valid.value): return None       # PyTorch's 0/0
+    try: return _SmoothCENative.apply(z, ys, coefs, weight, float(eps), int(ignore_index), reduction, n, lib)
     except _Fallback: return None

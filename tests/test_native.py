@@ -18,31 +18,36 @@ def test_builds_where_a_compiler_exists():
     assert info['enabled'] and info['available'], info.get('error')
     assert Path(info['path']).is_file()
 
-def ref_mixed(z, ys, coefs, eps, ignore, red, mean_over_valid):
-    "sum_k coefs[k] * F.cross_entropy(z, ys[k], label_smoothing=eps, reduction='none'), then reduced"
-    per = sum((1. if coefs is None else coefs[k]) * F.cross_entropy(z, ys[k], label_smoothing=eps, reduction='none',
-                                                                      ignore_index=ignore) for k in range(len(ys)))
+def ref_mixed(z, ys, coefs, eps, ignore, red, mean_over_valid, w=None):
+    "sum_k coefs[k] * F.cross_entropy(z, ys[k], weight=w, label_smoothing=eps, reduction='none'), then reduced"
+    per = sum((1. if coefs is None else coefs[k]) * F.cross_entropy(z, ys[k], weight=w, label_smoothing=eps,
+                                                                      reduction='none', ignore_index=ignore) for k in range(len(ys)))
     if red == 'none': return per
     if red == 'sum': return per.sum()
-    return per.sum() / ((ys[0] != ignore).sum() if mean_over_valid else len(per))
+    if not mean_over_valid: return per.sum() / len(per)
+    valid = ys[0] != ignore
+    return per.sum() / (valid.sum() if w is None else (w[torch.where(valid, ys[0], 0)] * valid).sum())
 
 @needs_kernel
 @pytest.mark.parametrize('K', [1, 2])
 @pytest.mark.parametrize('red', ['mean', 'sum', 'none'])
 @pytest.mark.parametrize('ignore', [False, True])
-def test_gradcheck_and_values_float64(K, red, ignore):
-    g = torch.Generator().manual_seed(K * 10 + len(red) + ignore)
+@pytest.mark.parametrize('weighted', [False, True])
+def test_gradcheck_and_values_float64(K, red, ignore, weighted):
+    g = torch.Generator().manual_seed(K * 10 + len(red) + ignore + 100 * weighted)
     z = (torch.randn(9, 7, generator=g, dtype=torch.float64) * 3).requires_grad_()
     ys = torch.randint(0, 7, (K, 9), generator=g)
     if ignore: ys[:, ::4] = -100
     coefs = None if K == 1 else torch.stack([l := torch.rand(9, generator=g, dtype=torch.float64), 1 - l])
-    out = smooth_ce(z, ys, coefs, 0.3, -100, red, mean_over_valid=K == 1)
+    w = torch.rand(7, generator=g, dtype=torch.float64) + .3 if weighted else None
+    f = lambda z: smooth_ce(z, ys, coefs, 0.3, -100, red, mean_over_valid=K == 1, weight=w)
+    out = f(z)
     assert out.grad_fn.name() == '_SmoothCENativeBackward'          # the kernel ran, not the fallback
-    ref = ref_mixed(z, ys, coefs, 0.3, -100, red, K == 1)
+    ref = ref_mixed(z, ys, coefs, 0.3, -100, red, K == 1, w)
     assert torch.allclose(out, ref, atol=1e-12, rtol=0)
     go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     assert torch.allclose(torch.autograd.grad(out, z, go)[0], torch.autograd.grad(ref, z, go)[0], atol=1e-12, rtol=0)
-    assert torch.autograd.gradcheck(lambda z: smooth_ce(z, ys, coefs, 0.3, -100, red, K == 1), (z,))
+    assert torch.autograd.gradcheck(f, (z,))
 
 @needs_kernel
 @pytest.mark.parametrize('N,C', [(1024, 1000), (64, 32000), (300, 3)])
@@ -233,3 +238,19 @@ def test_first_use_under_no_grad(ctx):
         """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ['True', 'None'], r.stdout
+
+@needs_kernel
+def test_class_weights_take_the_kernel_through_the_public_losses():
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(20, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    y, y2 = torch.randint(0, 6, (20,), generator=g), torch.randint(0, 6, (20,), generator=g)
+    w = torch.rand(6, dtype=torch.float64, generator=g) + .2
+    lf = LabelSmoothingCrossEntropy(0.2, weight=w)
+    out = lf(z, y)
+    assert out.grad_fn.name() == '_SmoothCENativeBackward'
+    assert torch.allclose(out, F.cross_entropy(z, y, weight=w, label_smoothing=0.2), atol=1e-12)
+    lam = torch.rand(20, dtype=torch.float64, generator=g)
+    mixed = mixed_loss(lf, z, (y,), (y2,), lam)
+    assert mixed.grad_fn.name() == '_SmoothCENativeBackward'
+    with use_native(False): ref = mixed_loss(lf, z, (y,), (y2,), lam)
+    assert torch.allclose(mixed, ref, atol=1e-12)
