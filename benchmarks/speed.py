@@ -102,6 +102,24 @@ def bench_losses(args, timer, dev)->list:
         print(f"  loss ({N}, {C}): " + ", ".join(f"{k} {v*1e3:.2f} ms" for k, v in m.items()), flush=True)
     return rows
 
+def bench_weighted(args, timer, dev)->dict:
+    "Class-weighted label smoothing at 1024x1000: ours (kernel and PyTorch ops) vs torch's weighted CE and LS"
+    from fastai_regularize.losses import LabelSmoothingCrossEntropy
+    N, C = 1024, 1000
+    g = torch.Generator(device='cpu').manual_seed(7)
+    z0 = torch.randn(N, C, generator=g).to(dev)
+    y = torch.randint(0, C, (N,), generator=g).to(dev)
+    w = (torch.rand(C, generator=g) + .5).to(dev)
+    ours = LabelSmoothingCrossEntropy(EPS, weight=w)
+    fns = {'ours': ours, TORCH_OPS: _torch_ops(ours),
+           'weighted CE': lambda z, y: F.cross_entropy(z, y, weight=w),
+           'torch weighted LS': lambda z, y: F.cross_entropy(z, y, weight=w, label_smoothing=EPS)}
+    def run(f, z): f(z, y).backward()
+    t = interleaved(fns, lambda: (z0.clone().requires_grad_(),), run, args.reps, args.warmup, timer, args.prewarm)
+    m = {k: med(v) for k, v in t.items()}
+    print(f"  weighted ({N}, {C}): " + ", ".join(f"{k} {v*1e3:.2f} ms" for k, v in m.items()), flush=True)
+    return dict(N=N, C=C, ms={k: v * 1e3 for k, v in m.items()}, ratio={k: m['ours'] / m[k] for k in m if k != 'ours'})
+
 # ---------------------------------------------------------------------------------------------------- MixUp step
 def bench_mixup_step(args, timer, dev)->dict:
     from fastai.learner import Learner
@@ -291,6 +309,12 @@ def report(res:dict, args)->str:
                  f"{ms[TORCH_OPS] / ms['torch LS']:.2f}x |")
     if 'losses' in res: L += ['', 'Milliseconds of every contender: ' + '; '.join(
         f"{r['N']}×{r['C']}: " + ', '.join(f"{k} {v:.3f}" for k, v in r['ms'].items()) for r in res['losses']), '']
+    if 'weighted' in res:
+        r = res['weighted']
+        L += [f"With class weights (uniform in [0.5, 1.5]) at {r['N']} × {r['C']}:", '',
+              f"| ours ms | / weighted CE | / torch weighted LS | {TORCH_OPS} ms | / torch weighted LS |", '|---|---|---|---|---|',
+              f"| {r['ms']['ours']:.3f} | {r['ratio']['weighted CE']:.2f}x | {r['ratio']['torch weighted LS']:.2f}x | "
+              f"{r['ms'][TORCH_OPS]:.3f} | {r['ms'][TORCH_OPS] / r['ms']['torch weighted LS']:.2f}x |", '']
     if 'mixup_step' in res:
         s = res['mixup_step']
         L += ['## 2. MixUp + label smoothing training step', '',
@@ -362,7 +386,7 @@ def main(argv=None):
     ap.add_argument('--malloc', choices=['steady', 'fresh', 'default'], default='steady',
                     help="glibc on CPU: 'steady' pins the thresholds its adaptation reaches in a loop (buffers < 32 MiB "
                          "reused), 'fresh' makes every buffer >= 128 KiB fresh pages, 'default' leaves glibc adaptive")
-    ap.add_argument('--only', default='losses,step,before_batch,memory', help='comma-separated sections to run')
+    ap.add_argument('--only', default='losses,weighted,step,before_batch,memory', help='comma-separated sections to run')
     ap.add_argument('--write', action='store_true', help='write the results files even with --quick')
     ap.add_argument('--no-write', action='store_true', help='print only')
     args = ap.parse_args(argv)
@@ -384,6 +408,7 @@ def main(argv=None):
     res = {}
     print(f"device {dev}, timer {args.timer}, torch threads {torch.get_num_threads()}, reps {args.reps}", flush=True)
     if 'losses' in only: res['losses'] = bench_losses(args, timer, dev)
+    if 'weighted' in only: res['weighted'] = bench_weighted(args, timer, dev)
     if 'step' in only: res['mixup_step'] = bench_mixup_step(args, timer, dev)
     if 'before_batch' in only: res['before_batch'] = bench_before_batch(args, timer, dev)
     if 'memory' in only: res['memory'] = bench_memory(args, dev)
