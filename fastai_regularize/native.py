@@ -209,12 +209,10 @@ _FLAGS = ['-O3', '-fno-math-errno', '-fopenmp-simd', '-fPIC', '-shared', '-std=g
 # tried in order: threads and per-CPU vector code; threads only; neither (a compiler without OpenMP or target_clones)
 _VARIANTS = (['-fopenmp'], ['-fopenmp', '-DFR_NO_CLONES'], ['-DFR_NO_CLONES'])
 
-class _State(threading.local): pass
-
 _lock = threading.Lock()
 _info = {}
 _lib = None
-_flag = _State()
+_flag = threading.local()
 
 def _enabled()->bool:
     "Is the kernel switched on for this thread (`use_native`, else `$FASTAI_REGULARIZE_NATIVE`, default on)?"
@@ -231,6 +229,10 @@ def _cache_dir()->Path:
             if os.access(d, os.W_OK): return Path(d)
         except OSError: pass
     raise OSError('no writable cache directory')
+
+def _compiler()->str|None:
+    "The C compiler the kernel is built with: `$CC`, else the first of cc, gcc, clang on the PATH"
+    return os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')
 
 def _compile(cc:str, flags:list, out:Path)->str|None:
     "Compile `_SOURCE` into `out` (atomically); the compiler's complaint if it failed"
@@ -261,7 +263,7 @@ def _declare(lib):
 def _load():
     "Build (once per machine) and load the library; `None`, with the reason in `_info['error']`, if it cannot be"
     if sys.platform == 'win32': return None, 'not built on Windows'
-    cc = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')
+    cc = _compiler()
     if not cc: return None, 'no C compiler found (set $CC)'
     _info['compiler'] = cc
     try: d = _cache_dir()

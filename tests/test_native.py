@@ -1,5 +1,5 @@
 "The fused CPU kernel: against PyTorch and gradcheck, its threads, its fallbacks, and how it is built and cached."
-import os, shutil, subprocess, sys, textwrap
+import os, subprocess, sys, textwrap
 from pathlib import Path
 
 import pytest, torch, torch.nn.functional as F
@@ -8,7 +8,7 @@ from fastai_regularize import native
 from fastai_regularize.native import native_info, use_native, smooth_ce
 from fastai_regularize.losses import LabelSmoothingCrossEntropy, label_smoothing_cross_entropy, mixed_loss
 
-HAVE_CC = bool(os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang'))
+HAVE_CC = bool(native._compiler())
 needs_kernel = pytest.mark.skipif(not native_info()['available'], reason=f"kernel unavailable: {native_info().get('error')}")
 
 def test_builds_where_a_compiler_exists():
@@ -214,7 +214,7 @@ def test_one_openmp_runtime_shared_with_pytorch():
 @pytest.mark.skipif(not HAVE_CC or sys.platform == 'win32', reason='no C compiler')
 def test_compiler_without_openmp_builds_the_serial_kernel(tmp_path):
     "A compiler that refuses -fopenmp gets the variant without threads, which gives the same numbers"
-    cc = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')
+    cc = native._compiler()
     fake = tmp_path/'cc'
     fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {cc} "$@"\n')
     fake.chmod(0o755)
