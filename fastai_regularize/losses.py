@@ -278,11 +278,11 @@ def mixed_loss(loss_func, # The user's loss: called as `loss_func(pred, *yb)`
         w = _weight(spec['weight'], z)
         # the CPU kernel of `native`, if it applies
         loss = smooth_ce(z, ys, coefs, float(spec['eps']), spec['ignore_index'], red, mean_over_valid=False, weight=w)
-        if loss is not None and red != 'none': return loss
-        if loss is None:
+        if loss is None:                                   # the PyTorch-op kernel: per-row losses, reduced here
             for y in (y1, y2): _check_targets(y, z.shape[1], spec['ignore_index'])
             loss = _SmoothCE.apply(z, ys, coefs, w, float(spec['eps']), spec['ignore_index'])
-        return loss.view(n, -1).squeeze(1) if red == 'none' else reduce_loss(loss, red)
+            if red != 'none': loss = reduce_loss(loss, red)
+        return loss.view(n, -1).squeeze(1) if red == 'none' else loss
     red = loss_reduction(loss_func)
     with NoneReduce(loss_func) as lf:
         l1,l2 = _per_item(lf(pred, *yb1), n),_per_item(lf(pred, *yb2), n)
