@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 warnings.filterwarnings('ignore', category=FutureWarning)        # timm imports torch.jit.script
 import torch, torch.nn as nn, torch.nn.functional as F
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parent
 SIZES = [(256, 10), (1024, 1000), (512, 32000)]
@@ -86,6 +87,15 @@ def loss_contenders()->dict:
         'timm LS': tl.LabelSmoothingCrossEntropy(EPS),
     }
 
+def time_losses(fns:dict, z0:Tensor, y:Tensor, args, timer, label:str)->dict:
+    "fwd+bwd of every loss in `fns` on fresh clones of `z0`, interleaved: ms and ours / each, printed as `label`"
+    def run(f, z): f(z, y).backward()
+    t = interleaved(fns, lambda: (z0.clone().requires_grad_(),), run, args.reps, args.warmup, timer, args.prewarm)
+    m = {k: med(v) for k, v in t.items()}
+    print(f"  {label}: " + ", ".join(f"{k} {v*1e3:.2f} ms" for k, v in m.items()), flush=True)
+    return dict(N=z0.shape[0], C=z0.shape[1], ms={k: v * 1e3 for k, v in m.items()},
+                ratio={k: m['ours'] / m[k] for k in m if k != 'ours'}, reps=args.reps)
+
 def bench_losses(args, timer, dev)->list:
     rows = []
     fns = loss_contenders()
@@ -93,13 +103,7 @@ def bench_losses(args, timer, dev)->list:
         g = torch.Generator(device='cpu').manual_seed(N * C)
         z0 = torch.randn(N, C, generator=g).to(dev)
         y = torch.randint(0, C, (N,), generator=g).to(dev)
-        setup = lambda: (z0.clone().requires_grad_(),)
-        def run(f, z): f(z, y).backward()
-        t = interleaved(fns, setup, run, args.reps, args.warmup, timer, args.prewarm)
-        m = {k: med(v) for k, v in t.items()}
-        rows.append(dict(N=N, C=C, ms={k: v * 1e3 for k, v in m.items()},
-                         ratio={k: m['ours'] / m[k] for k in m if k != 'ours'}, reps=args.reps))
-        print(f"  loss ({N}, {C}): " + ", ".join(f"{k} {v*1e3:.2f} ms" for k, v in m.items()), flush=True)
+        rows.append(time_losses(fns, z0, y, args, timer, f"loss ({N}, {C})"))
     return rows
 
 def bench_weighted(args, timer, dev)->dict:
@@ -114,11 +118,7 @@ def bench_weighted(args, timer, dev)->dict:
     fns = {'ours': ours, TORCH_OPS: _torch_ops(ours),
            'weighted CE': lambda z, y: F.cross_entropy(z, y, weight=w),
            'torch weighted LS': lambda z, y: F.cross_entropy(z, y, weight=w, label_smoothing=EPS)}
-    def run(f, z): f(z, y).backward()
-    t = interleaved(fns, lambda: (z0.clone().requires_grad_(),), run, args.reps, args.warmup, timer, args.prewarm)
-    m = {k: med(v) for k, v in t.items()}
-    print(f"  weighted ({N}, {C}): " + ", ".join(f"{k} {v*1e3:.2f} ms" for k, v in m.items()), flush=True)
-    return dict(N=N, C=C, ms={k: v * 1e3 for k, v in m.items()}, ratio={k: m['ours'] / m[k] for k in m if k != 'ours'})
+    return time_losses(fns, z0, y, args, timer, f"weighted ({N}, {C})")
 
 # ---------------------------------------------------------------------------------------------------- MixUp step
 def bench_mixup_step(args, timer, dev)->dict:
@@ -299,7 +299,7 @@ def report(res:dict, args)->str:
          ]
     if 'losses' in res: L += ['## 1. Label-smoothing cross-entropy, forward + backward, float32, eps=0.1', '',
          f"*ours* is what `LabelSmoothingCrossEntropy` runs here ({m['native']}); *{TORCH_OPS}* is the same loss "
-         "with the kernel switched off (`use_native(False)`): its path on GPUs, with class weights, or without a compiler.", '',
+         "with the kernel switched off (`use_native(False)`): its path on GPUs or without a compiler.", '',
          f'| N × C | ours ms | / plain CE | / torch LS | / fastai LS | / timm LS | {TORCH_OPS}: / plain CE | / torch LS |',
          '|---|---|---|---|---|---|---|---|']
     for r in res.get('losses', []):
