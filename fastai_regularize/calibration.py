@@ -19,7 +19,8 @@ from .activations import BaseSoftmax, softmax_base, no_activation
 from .core import check_int
 
 # %% auto #0
-__all__ = ['expected_calibration_error', 'ECE', 'fit_temperature', 'plot_reliability', 'CalibrationResult']
+__all__ = ['expected_calibration_error', 'ECE', 'fit_temperature', 'cross_fit_temperature', 'plot_reliability',
+           'CalibrationResult']
 
 # %% ../nbs/04_calibration.ipynb #a0f6d796
 def _tensor(name:str, x)->Tensor:
@@ -123,6 +124,45 @@ def fit_temperature(logits:Tensor, # Held-out logits (no activation), shape (N, 
     z,y = _check_scores('logits', logits, targs, probs=False)
     return 1/_fit_beta(z, y)
 
+# %% ../nbs/04_calibration.ipynb #01994a12
+def _folds(y:Tensor, # Integer class indices, shape (N,)
+           n_folds:int, # Number of folds, 2 <= n_folds <= N
+           seed:int, # Seed of the assignment
+          )->Tensor:
+    "Fold of each item: a seeded shuffle, sorted by class (stably), dealt round-robin, so every fold gets its share of each class"
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    order = perm[torch.sort(y[perm], stable=True).indices]
+    fold = torch.empty(len(y), dtype=torch.long)
+    fold[order] = torch.arange(len(y)) % n_folds
+    return fold
+
+def _cross_fit(z:Tensor, # Checked float64 logits (N, C)
+               y:Tensor, # Checked class indices (N,)
+               fit, # `fit(z, y) -> params`
+               apply, # `apply(z, params) -> probs`
+               n_folds:int, seed:int)->tuple:
+    "(probs, [params per fold], fold): each item's probabilities from `params` fitted without its fold"
+    n_folds = check_int('n_folds', n_folds, 2)
+    if n_folds > len(y): raise ValueError(f"`n_folds` must be at most the number of items ({len(y)}), got {n_folds}")
+    fold = _folds(y, n_folds, check_int('seed', seed, 0))
+    probs,params = torch.empty_like(z),[]
+    for k in range(n_folds):
+        out = fold == k
+        params.append(fit(z[~out], y[~out]))
+        probs[out] = apply(z[out], params[-1])
+    return probs,params,fold
+
+def cross_fit_temperature(logits:Tensor, # Held-out logits (no activation), shape (N, C)
+                          targs:Tensor, # Integer class indices, shape (N,)
+                          n_folds:int=2, # Folds; each item is scaled by the temperature fitted on the others
+                          seed:int=0, # Seed of the (class-stratified) fold assignment
+                         )->tuple:
+    "(probs, temperatures, fold): `probs[i] = softmax(logits[i] / temperatures[fold[i]])`, each temperature fitted without its fold"
+    z,y = _check_scores('logits', logits, targs, probs=False)
+    probs,betas,fold = _cross_fit(z, y, _fit_beta, lambda z,b: F.softmax(b*z, dim=1), n_folds, seed)
+    return probs, 1/torch.tensor(betas, dtype=torch.float64), fold
+
 # %% ../nbs/04_calibration.ipynb #ae2e9284
 def plot_reliability(probs:Tensor, # Predicted probabilities, shape (N, C)
                      targs:Tensor, # Integer class indices, shape (N,)
@@ -159,17 +199,22 @@ class CalibrationResult:
     nll_after:float # Mean NLL with the fitted base
     ece_before:float # ECE with a plain softmax
     ece_after:float # ECE with the fitted base
+    nll_after_cv:float=math.nan # Mean NLL out of sample: each fold scaled by the temperature fitted on the others
+    ece_after_cv:float=math.nan # ECE of the same out-of-sample probabilities
     def __repr__(self):
         return (f"CalibrationResult(base={self.base:.4f}, temperature={self.temperature:.4f}, "
-                f"nll {self.nll_before:.4f} -> {self.nll_after:.4f}, ece {self.ece_before:.4f} -> {self.ece_after:.4f})")
+                f"nll {self.nll_before:.4f} -> {self.nll_after:.4f} (out of sample {self.nll_after_cv:.4f}), "
+                f"ece {self.ece_before:.4f} -> {self.ece_after:.4f} (out of sample {self.ece_after_cv:.4f}))")
 
 @patch
 def calibrate(self:Learner,
               dl=None, # Held-out `DataLoader` to fit on; None: the validation set
               n_bins:int=15, # Bins of the ECE it reports
+              n_folds:int=2, # Folds of the out-of-sample (`_cv`) numbers, as `cross_fit_temperature`
+              seed:int=0, # Seed of their fold assignment
              )->CalibrationResult:
     "Fit the softmax base on held-out logits by NLL (temperature scaling) and install it as `default_act`"
-    n_bins = _check_n_bins(n_bins)
+    n_bins,n_folds,seed = _check_n_bins(n_bins),check_int('n_folds', n_folds, 2),check_int('seed', seed, 0)
     if dl is None and (len(self.dls.loaders) < 2 or len(self.dls.valid_ds) == 0):
         raise ValueError("`dl` is None and the learner has no validation set to calibrate on; pass a held-out `dl`")
     logits,targs = self.get_preds(dl=dl, act=no_activation)  # explicit act: an installed default_act must not apply
@@ -179,6 +224,10 @@ def calibrate(self:Learner,
                             nll_before=F.cross_entropy(z, y).item(), nll_after=F.cross_entropy(beta*z, y).item(),
                             ece_before=expected_calibration_error(F.softmax(z, -1), y, n_bins),
                             ece_after=expected_calibration_error(F.softmax(beta*z, -1), y, n_bins))
+    if len(y) >= n_folds:                                    # out of sample: fitted without the items it scores
+        p_cv = cross_fit_temperature(z, y, n_folds, seed)[0]
+        res.nll_after_cv = F.nll_loss(p_cv.clamp_min(torch.finfo(p_cv.dtype).tiny).log(), y).item()
+        res.ece_after_cv = expected_calibration_error(p_cv, y, n_bins)
     self.default_act = BaseSoftmax(res.base)
     return res
 

@@ -15,7 +15,7 @@ from fastai.torch_core import to_detach
 
 from fastai_regularize.activations import BaseSoftmax, softmax_base, no_activation
 from fastai_regularize.calibration import (expected_calibration_error, ECE, fit_temperature, plot_reliability,
-                                           CalibrationResult)
+                                           CalibrationResult, cross_fit_temperature)
 
 # Six items, four classes (rows: probabilities; confidence = max, prediction = argmax)
 PROBS = torch.tensor([[.90, .05, .03, .02],   # conf .9, pred 0, targ 0: right
@@ -219,3 +219,29 @@ def test_plots_return_figures():
     assert isinstance(f3, Figure) and isinstance(f4, Figure)
     assert f'base {learn.default_act.base:.4g}' in f3.axes[0].get_title() and 'softmax' in f4.axes[0].get_title()
     plt.close('all')
+
+
+@pytest.mark.parametrize('n_folds', [2, 3, 5])
+def test_cross_fit_temperature_fits_each_fold_on_its_complement(n_folds):
+    g = torch.Generator().manual_seed(3)
+    z = 2*torch.randn(600, 4, generator=g, dtype=torch.float64)
+    y = torch.multinomial(F.softmax(z, -1), 1, generator=g)[:, 0]
+    z = z*torch.linspace(0.5, 4, 600, dtype=torch.float64)[:, None]   # over-confident, more so later in the list
+    probs, temps, fold = cross_fit_temperature(z, y, n_folds=n_folds, seed=7)
+    assert fold.shape == (600,) and set(fold.tolist()) == set(range(n_folds)) and temps.shape == (n_folds,)
+    sizes = torch.bincount(fold)
+    assert sizes.max() - sizes.min() <= y.bincount().numel()          # near-equal folds
+    for k in range(n_folds):
+        rest = fold != k
+        assert temps[k].item() == pytest.approx(fit_temperature(z[rest], y[rest]), rel=1e-10)
+        # each item scaled by the temperature that never saw it: softmax(z / T_k), by hand
+        ez = torch.exp(z[~rest]/temps[k] - (z[~rest]/temps[k]).max(1, keepdim=True).values)
+        torch.testing.assert_close(probs[~rest], ez/ez.sum(1, keepdim=True), rtol=1e-12, atol=1e-15)
+    assert torch.equal(cross_fit_temperature(z, y, n_folds=n_folds, seed=7)[2], fold)
+
+def test_cross_fit_temperature_bad_arguments():
+    z, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match='`n_folds` must be at most the number of items'): cross_fit_temperature(z, y, n_folds=5)
+    with pytest.raises(ValueError, match='`n_folds` must be an int >= 2'): cross_fit_temperature(z, y, n_folds=1)
+    with pytest.raises(TypeError, match='`seed` must be an int'): cross_fit_temperature(z, y, seed=0.5)
+    with pytest.raises(ValueError, match='`logits` must be 2-D'): cross_fit_temperature(z[0], y)
