@@ -99,7 +99,7 @@ class ManifoldMixUp(_Mixer):
         super().__init__(alpha, prob, mode, off_epochs, off_pct, label)
         self.modules = _check_modules(modules)
         self.mix_input = None if mix_input is None else _check_bool('mix_input', mix_input)
-        self._points,self._plan,self._handles,self._state,self._orig_yb = None,None,[],None,None
+        self._points,self._plan,self._handles,self._state,self._orig_yb,self._frame = None,None,[],None,None,None
 
     def _resolve(self, model:nn.Module)->list:
         "`(name, module, 'output' | 'input')` for each layer that may be mixed"
@@ -119,7 +119,7 @@ class ManifoldMixUp(_Mixer):
     def _disarm(self):
         "Remove every hook of ours; safe to call any time"
         for h in self._handles: h.remove()
-        self._handles = []
+        self._handles,self._frame = [],None
 
     def before_fit(self):
         super().before_fit()
@@ -161,10 +161,15 @@ class ManifoldMixUp(_Mixer):
             self._state = 'mixed'
             mix_h.remove()
             return _mix_hidden(h, lam, k, f"{what} of `{name or 'the model'}`")
-        def mix_out(m, args, out): return mixed(out, 'output') if self._state == 'running' else None
-        def mix_in(m, args): return (mixed(args[0], 'input'), *args[1:]) if self._state == 'running' and args else None
+        def live()->bool:
+            "Is the armed forward pass of the model on the stack (not one a KeyboardInterrupt ended)?"
+            f = sys._getframe(2)
+            while f is not None and f is not self._frame: f = f.f_back
+            return self._state == 'running' and f is not None
+        def mix_out(m, args, out): return mixed(out, 'output') if live() else None
+        def mix_in(m, args): return (mixed(args[0], 'input'), *args[1:]) if args and live() else None
         def started(m, args):
-            if self._state == 'armed': self._state = 'running'
+            if self._state == 'armed': self._state,self._frame = 'running',sys._getframe(1)
             else: self._disarm()  # a second forward pass: the armed one was interrupted
         root = self.learn.model
         mix_h = (mod.register_forward_hook(mix_out, prepend=True) if where == 'output'
