@@ -423,3 +423,15 @@ def test_dominant_label_is_the_items_own(tab_dls):
     learn = _tab_learner(tab_dls, [ManifoldMixUp(label='dominant'), Rec()], loss_func=CrossEntropyLossFlat())
     learn.fit(1)
     assert learn.rec.n == 8
+
+def test_callback_replacing_the_inputs_after_ours(tab_dls):
+    "The layer is mixed when fastai unpacks the inputs; a callback that swaps them for a new tuple first gets a warning, and the batch its plain loss"
+    class Swap(Callback):
+        order = ManifoldMixUp.order + 1
+        def before_batch(self):
+            if self.training: self.learn.xb = (self.xb[0], self.xb[1])
+        def after_loss(self):
+            if self.training: torch.testing.assert_close(self.loss, F.cross_entropy(self.pred, self.yb[0].view(-1).long()))
+    learn = _tab_learner(tab_dls, [ManifoldMixUp(mix_input=False), Swap()])
+    with pytest.warns(UserWarning, match='replaced `learn.xb`'): learn.fit(1)
+    assert _finite(learn) and _no_hooks(learn.model)
