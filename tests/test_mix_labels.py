@@ -27,7 +27,7 @@ torch.set_num_threads(1)
 
 # ================================================================ 1. the box rule against timm
 @settings(max_examples=400, deadline=None)
-@given(H=st.integers(1, 40), W=st.integers(1, 40), lam=st.floats(0, 1, width=32), data=st.data())
+@given(H=st.integers(1, 40), W=st.integers(1, 40), lam=st.floats(0, 1, width=32, allow_subnormal=False), data=st.data())
 def test_box_matches_timm_rand_bbox(H, W, lam, data):
     "The same λ and centre give timm's box exactly, odd sides and clipping included"
     cy,cx = data.draw(st.integers(0, H - 1)),data.draw(st.integers(0, W - 1))
