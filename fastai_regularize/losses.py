@@ -237,7 +237,7 @@ def _ce_spec(lf)->dict|None:
     if isinstance(lf, BaseLoss):
         if not lf.flatten or type(lf).__call__ not in (BaseLoss.__call__, LabelSmoothingCrossEntropyFlat.__call__): return None
         spec = _ce_spec(lf.func)
-        return None if spec is None else {**spec, 'dim': lf.axis}
+        return None if spec is None else {**spec, 'dim': lf.axis, 'flatten': True}
     if type(lf) is LabelSmoothingCrossEntropy:
         return dict(dim=1, eps=lf.eps, weight=lf.weight, ignore_index=lf.ignore_index, reduction=lf.reduction)
     if type(lf) is nn.CrossEntropyLoss:
@@ -266,6 +266,11 @@ def mixed_loss(loss_func, # The user's loss: called as `loss_func(pred, *yb)`
     n = lam.shape[0]
     spec = _ce_spec(loss_func) if len(yb1) == 1 else None
     if spec is not None and not yb1[0].is_floating_point():
+        if spec.get('flatten') and isinstance(pred, Tensor) and pred.ndim >= 2:
+            # fastai's `BaseLoss` flattens the targets (`targ.view(-1)`): (n, 1) tabular targets are fine there, so here too
+            d = spec['dim'] % pred.ndim
+            shp = pred.shape[:d] + pred.shape[d+1:]
+            yb1,yb2 = [tuple(t.reshape(shp) if isinstance(t, Tensor) and t.numel() == shp.numel() else t for t in yb) for yb in (yb1, yb2)]
         z, y1, shape = _flatten_ce(pred, yb1[0], spec['dim'])
         t2 = yb2[0]
         if not isinstance(t2, Tensor) or t2.shape != yb1[0].shape or t2.is_floating_point():
