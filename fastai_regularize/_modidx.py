@@ -234,6 +234,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                           'fastai_regularize.native._SmoothCENative.forward': ( 'native.html#_smoothcenative.forward',
                                                                                                 'fastai_regularize/native.py'),
                                           'fastai_regularize.native._cache_dir': ('native.html#_cache_dir', 'fastai_regularize/native.py'),
+                                          'fastai_regularize.native._ce_grad': ('native.html#_ce_grad', 'fastai_regularize/native.py'),
                                           'fastai_regularize.native._compile': ('native.html#_compile', 'fastai_regularize/native.py'),
                                           'fastai_regularize.native._compiler': ('native.html#_compiler', 'fastai_regularize/native.py'),
                                           'fastai_regularize.native._declare': ('native.html#_declare', 'fastai_regularize/native.py'),

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 # %% auto #0
 __all__ = ['native_info', 'use_native', 'smooth_ce']
@@ -340,6 +339,19 @@ class _Fallback(Exception): "A row held a non-finite logit: the caller recompute
 
 def _p(t:Tensor|None)->int|None: return None if t is None else t.data_ptr()
 
+def _ce_grad(z:Tensor, ys:Tensor, coefs:Tensor|None, weight:Tensor|None, eps:float, ignore_index:int, g:Tensor)->Tensor:
+    "d/dz of sum_i g_i sum_k coefs[k, i] CE(z_i, ys[k, i]) from differentiable PyTorch ops, for a gradient that needs a graph"
+    C = z.shape[1]
+    valid = ys != ignore_index
+    y0 = torch.where(valid, ys, 0)
+    a = valid.to(z.dtype) if coefs is None else torch.where(valid, coefs, 0)
+    S = a.sum(0)                                                   # weight of the smoothing term per row
+    aw = a if weight is None else a * weight[y0]
+    W = C if weight is None else weight.sum()
+    g = torch.where(valid.any(0), g, 0)                            # a row whose targets are all ignored has loss 0
+    q = torch.zeros_like(z).scatter_add(1, y0.t(), aw.t()) * (1 - eps) + (S * eps / C)[:, None] * (1 if weight is None else weight)
+    return g[:, None] * (torch.softmax(z, 1) * ((1 - eps) * aw.sum(0) + S * eps * W / C)[:, None] - q)
+
 class _SmoothCENative(torch.autograd.Function):
     "Label-smoothed CE of `z` (M, C) against K targets `ys` (K, M) weighted by `coefs` (K, M) or 1, class `weight` or 1, reduced"
     @staticmethod
@@ -353,15 +365,20 @@ class _SmoothCENative(torch.autograd.Function):
             raise _Fallback()
         ctx.save_for_backward(z, ys, coefs, weight, mx, ls)
         ctx.eps, ctx.ignore_index, ctx.lib = eps, ignore_index, lib
-        ctx.scale = 1. if reduction != 'mean' else 1 / n
-        return loss if reduction == 'none' else torch.tensor(total.value * ctx.scale, dtype=z.dtype)
+        # 'mean' over no target (all ignored): PyTorch's 0/0 = NaN, and a zero gradient (every row's loss is constant)
+        ctx.scale = 1. if reduction != 'mean' else 1 / n if n else 0.
+        if reduction == 'none': return loss
+        return torch.tensor(float('nan') if reduction == 'mean' and not n else total.value * ctx.scale, dtype=z.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g:Tensor):
         z, ys, coefs, weight, mx, ls = ctx.saved_tensors
         M, C = z.shape
         g = g.to(z.dtype)
+        if torch.is_grad_enabled():                                # create_graph=True: a gradient autograd can differentiate
+            rows = g if g.ndim else g * ctx.scale
+            grad = _ce_grad(z, ys, coefs, weight, ctx.eps, ctx.ignore_index, rows.expand(M))
+            return grad, None, None, None, None, None, None, None, None
         grad = torch.empty_like(z)
         ctx.lib.fr_sce_backward(int(z.dtype == torch.float64), _p(z), _p(grad), M, C, _p(ys), ys.shape[0], _p(coefs),
                                 _p(weight), ctx.eps, ctx.ignore_index, _p(mx), _p(ls), _p(g), g.stride(0) if g.ndim else 0, ctx.scale,
@@ -395,6 +412,7 @@ def smooth_ce(z:Tensor, # Logits (M, C)
     if lib.fr_check_targets(_p(ys), ys.numel(), z.shape[1], ignore_index, int(z.dtype == torch.float64), _p(weight),
                             ctypes.byref(n_valid), ctypes.byref(w_valid)) >= 0: return None
     n = w_valid.value if mean_over_valid else z.shape[0]
-    if reduction == 'mean' and (n == 0 or not n_valid.value): return None       # PyTorch's 0/0
+    # valid targets whose class weights sum to 0: PyTorch's NaN gradient is left to its path
+    if reduction == 'mean' and n == 0 and n_valid.value: return None
     try: return _SmoothCENative.apply(z, ys, coefs, weight, float(eps), int(ignore_index), reduction, n, lib)
     except _Fallback: return None
