@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip.conf on these machines names local indexes that may be absent; drop that noise, keep real errors.
 QUIET := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: demo test check export wheel bench quality clean
+.PHONY: demo test fuzz check export wheel bench quality clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 test: $(STAMP) check
 	MPLBACKEND=Agg $(BIN)/nbdev-test --n-workers 2
 	MPLBACKEND=Agg $(BIN)/python -m pytest tests/ -q -p no:cacheprovider
+
+# the differential tests of tests/test_differential.py with many more examples than `make test` gives them (5000 per
+# property, about 10 min on 2 cores; HYPOTHESIS_MAX_EXAMPLES=N for more); failures are kept in .hypothesis/ and replayed
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_differential.py -q -p no:cacheprovider --hypothesis-show-statistics
 
 check: $(STAMP)
 	BIN=$(BIN) bash scripts/check_sync.sh
