@@ -24,6 +24,14 @@ settings.register_profile('ci', max_examples=int(os.environ.get('HYPOTHESIS_MAX_
 settings.register_profile('fuzz', max_examples=int(os.environ.get('HYPOTHESIS_MAX_EXAMPLES', 5000)), **_common)
 settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
 
+@pytest.fixture(scope='module', autouse=True)
+def ieee_floats():
+    "Other test modules turn on flushing subnormals to zero (for speed) at import; these tests need IEEE arithmetic"
+    flushing = torch.tensor(1e-39).mul(1).item() == 0              # a float32 subnormal survives a multiplication?
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(flushing)
+
 PATHS = [False] + ([True] if native_info()['available'] else [])    # use_native(...) values to run each case through
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 SPECIAL = [1e4, -1e4, math.inf, -math.inf, math.nan]
