@@ -5,7 +5,7 @@ compiled from a small C file the first time it is needed; the PyTorch path stays
 
 # %% ../nbs/01a_native.ipynb #742849cb
 from __future__ import annotations
-import ctypes, hashlib, os, platform, shutil, subprocess, sys, tempfile, threading
+import ctypes, hashlib, os, platform, shutil, stat, subprocess, sys, tempfile, threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -203,6 +203,57 @@ void fr_sce_backward(int dbl, const void *z, void *grad, int64_t N, int64_t C, c
 }
 """
 
+# %% ../nbs/01a_native.ipynb #791e6a07
+def _why_untrusted(st:os.stat_result)->str|None:
+    "Why a directory or file with status `st` must not be trusted (another owner; writable by group or others), or None"
+    if st.st_uid != os.geteuid(): return f'owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})'
+    if st.st_mode & 0o022: return f'writable by group or others (mode {stat.S_IMODE(st.st_mode):o})'
+    return None
+
+def _cache_candidates()->list:
+    "(directory, is it one of the package's default locations), in order of preference"
+    out = []
+    if os.environ.get('FASTAI_REGULARIZE_CACHE'): out.append((Path(os.environ['FASTAI_REGULARIZE_CACHE']), False))
+    if os.environ.get('XDG_CACHE_HOME'): out.append((Path(os.environ['XDG_CACHE_HOME'])/'fastai_regularize', True))
+    try: out.append((Path.home()/'.cache'/'fastai_regularize', True))
+    except RuntimeError: pass                              # no home directory
+    return out
+
+def _cache_dir()->tuple:
+    "(the first cache directory only this user can write, created 0700 if missing, or None; why others were passed over)"
+    notes = []
+    for d, default in _cache_candidates():
+        try:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.stat(d)
+            why = _why_untrusted(st)
+            if why and default and st.st_uid == os.geteuid() and stat.S_ISDIR(st.st_mode):
+                os.chmod(d, 0o700)                         # ours, left group-writable by an earlier release's umask
+                why = _why_untrusted(os.stat(d))
+            if why is None and not os.access(d, os.W_OK | os.X_OK): why = 'not writable'
+            if why is None: return d, notes
+            notes.append(f'{d} is {why}')
+        except OSError as e: notes.append(f'{d}: {e.strerror or e}')
+    return None, notes
+
+class _Untrusted(OSError): "A cached library, or its directory, that someone other than this user could have written"
+
+def _load_checked(path:Path):
+    "`ctypes.CDLL(path)` if it and its directory are this user's alone, checked on the opened directory and file"
+    dfd = os.open(path.parent, os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0))
+    try:
+        why = _why_untrusted(os.fstat(dfd))
+        if why: raise _Untrusted(f'{path.parent} is {why}')
+        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)   # a symbolic link fails here
+        try:
+            st = os.fstat(fd)
+            why = _why_untrusted(st) if stat.S_ISREG(st.st_mode) else 'not a regular file'
+            if why: raise _Untrusted(f'{path} is {why}')
+        finally: os.close(fd)
+        # on Linux through the checked directory, which no one else can change: not whatever `path` names by now
+        return ctypes.CDLL(f'/proc/self/fd/{dfd}/{path.name}' if os.path.isdir(f'/proc/self/fd/{dfd}') else str(path))
+    finally: os.close(dfd)
+
 # %% ../nbs/01a_native.ipynb #0ad4c496
 _FLAGS = ['-O3', '-fno-math-errno', '-fopenmp-simd', '-fPIC', '-shared', '-std=gnu99']
 # tried in order: threads and per-CPU vector code; threads only; neither (a compiler without OpenMP or target_clones)
@@ -218,23 +269,17 @@ def _enabled()->bool:
     v = getattr(_flag, 'on', None)
     return os.environ.get('FASTAI_REGULARIZE_NATIVE', '1').strip().lower() not in ('0', 'false', 'no', 'off') if v is None else v
 
-def _cache_dir()->Path:
-    for d in (os.environ.get('FASTAI_REGULARIZE_CACHE'),
-              os.environ.get('XDG_CACHE_HOME') and Path(os.environ['XDG_CACHE_HOME'])/'fastai_regularize',
-              Path.home()/'.cache'/'fastai_regularize', Path(tempfile.gettempdir())/'fastai_regularize'):
-        if not d: continue
-        try:
-            Path(d).mkdir(parents=True, exist_ok=True)
-            if os.access(d, os.W_OK): return Path(d)
-        except OSError: pass
-    raise OSError('no writable cache directory')
-
 def _compiler()->str|None:
     "The C compiler the kernel is built with: `$CC`, else the first of cc, gcc, clang on the PATH"
     return os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')
 
+def _lib_name(cc:str, flags:list)->str:
+    "The library's file name: the version, and a hash of the source, the compiler and its flags"
+    key = hashlib.sha256('\0'.join([_SOURCE, cc, *flags, platform.machine(), sys.platform]).encode()).hexdigest()[:16]
+    return f'fr_native_{_VERSION}_{key}.so'
+
 def _compile(cc:str, flags:list, out:Path)->str|None:
-    "Compile `_SOURCE` into `out` (atomically); the compiler's complaint if it failed"
+    "Compile the kernel into `out` (atomically, mode 0700); the compiler's complaint if it failed"
     d = out.parent
     fd, src = tempfile.mkstemp(suffix='.c', dir=d); os.close(fd)
     tmp = out.with_name(f'{out.stem}.{os.getpid()}.{threading.get_ident()}.tmp')
@@ -242,6 +287,7 @@ def _compile(cc:str, flags:list, out:Path)->str|None:
         Path(src).write_text(_SOURCE)
         r = subprocess.run([cc, *flags, src, '-o', str(tmp), '-lm'], capture_output=True, text=True, timeout=300)
         if r.returncode: return (r.stderr or r.stdout).strip()[-2000:] or f'{cc} exited with {r.returncode}'
+        os.chmod(tmp, 0o700)                               # whatever the umask: writable by this user alone
         os.replace(tmp, out)
         return None
     except (OSError, subprocess.SubprocessError) as e: return f'{type(e).__name__}: {e}'
@@ -260,31 +306,39 @@ def _declare(lib):
     return lib
 
 def _load():
-    "Build (once per machine) and load the library; `None`, with the reason in `_info['error']`, if it cannot be"
+    "Build (once per machine) and load the library: (lib, None), or (None, why it could not be)"
     if sys.platform == 'win32': return None, 'not built on Windows'
     cc = _compiler()
     if not cc: return None, 'no C compiler found (set $CC)'
     _info['compiler'] = cc
-    try: d = _cache_dir()
-    except OSError as e: return None, str(e)
+    d, notes = _cache_dir()
+    scratch = None
+    if d is None:                                          # for this process alone, in a directory no one else can enter
+        try: d = scratch = Path(tempfile.mkdtemp(prefix='fastai_regularize-'))
+        except OSError as e: return None, f'no private directory to build the kernel in: {e}'
+        _info['cache'] = (f"none ({'; '.join(notes) or 'no candidate'}): built in a private temporary directory "
+                          "for this process, then removed")
+    else: _info['cache'] = str(d) + (f" (passed over: {'; '.join(notes)})" if notes else '')
     errors = []
-    for extra in _VARIANTS:
-        flags = _FLAGS + extra
-        key = hashlib.sha256('\0'.join([_SOURCE, cc, *flags, platform.machine(), sys.platform]).encode()).hexdigest()[:16]
-        path = d/f'fr_native_{_VERSION}_{key}.so'
-        for attempt in range(2):                                   # a cached file that does not load is rebuilt once
-            if not path.exists() or attempt:
-                err = _compile(cc, flags, path)
-                if err: errors.append(err); break
-            try:
-                lib = _declare(ctypes.CDLL(str(path)))
-                if lib.fr_version() != _VERSION: raise OSError(f'{path} is not version {_VERSION}')
-            except (OSError, AttributeError) as e:
-                errors.append(f'{type(e).__name__}: {e}')
-                continue
-            _info['path'],_info['openmp'] = str(path),'-fopenmp' in flags
-            return lib, None
-    return None, 'the kernel did not build or load: ' + ' | '.join(errors)
+    try:
+        for extra in _VARIANTS:
+            flags = _FLAGS + extra
+            path = d/_lib_name(cc, flags)
+            for attempt in range(2):                       # a cached file that does not load or pass the checks is rebuilt once
+                if attempt or not os.path.lexists(path):
+                    err = _compile(cc, flags, path)
+                    if err: errors.append(err); break
+                try:
+                    lib = _declare(_load_checked(path))
+                    if lib.fr_version() != _VERSION: raise OSError(f'{path} is not version {_VERSION}')
+                except (OSError, AttributeError) as e:
+                    errors.append(f'{type(e).__name__}: {e}')
+                    continue
+                _info['path'],_info['openmp'] = str(path),'-fopenmp' in flags
+                return lib, None
+        return None, 'the kernel did not build or load: ' + ' | '.join(errors)
+    finally:
+        if scratch is not None: shutil.rmtree(scratch, ignore_errors=True)
 
 def _selftest(lib)->str|None:
     "The loaded kernel against PyTorch on a small case in both precisions; a description of any difference"
