@@ -16,192 +16,16 @@ from torch import Tensor
 __all__ = ['native_info', 'use_native', 'smooth_ce']
 
 # %% ../nbs/01a_native.ipynb #cf186b56
-_VERSION = 4
+_VERSION = 5   # must equal fr_version() of the C file: a library of another version is never used
 
-_SOURCE = r"""
-/* fastai_regularize native kernels: label-smoothed, K-target cross-entropy over the rows of a logits matrix. */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
+def _csrc()->Path:
+    "The package's directory of C sources, `fastai_regularize/csrc`"
+    import fastai_regularize
+    return Path(fastai_regularize.__file__).parent/'csrc'
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && !defined(FR_NO_CLONES)
-#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CLONES
-#endif
-
-/* e^x for x <= ~0 (x - max or x - lse): Cephes expf, rounded by the 1.5 * 2^23 trick instead of floorf so that
-   loops vectorise; within 2 ulp. Below -87 (where e^x is no longer a normal float) it returns 0. NaN never
-   reaches it: rows with a non-finite value are reported and left to PyTorch. */
-static inline float exp_f(float x) {
-    float xc = x < -87.0f ? -87.0f : x;
-    float t = xc * 1.44269504088896341f + 12582912.0f;
-    int32_t ti; memcpy(&ti, &t, 4);
-    float n = t - 12582912.0f;
-    float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f; p = p * r + 8.3334519073e-3f; p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f; p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t bi = (ti - 0x4B400000 + 127) << 23; float s; memcpy(&s, &bi, 4);
-    return x < -87.0f ? 0.0f : p * s;
-}
-static inline double exp_d(double x) { return exp(x); }
-
-/* Per row, with m = max, ls = log sum e^(x - m) (so -log p_c = ls + m - x_c), class weights w (W = sum w, or
-   w = 1, W = C without them), a_k the weight of target k (0 if ignored) and S = sum a_k, PyTorch's formula:
-     loss = (1 - eps) sum_k a_k w[y_k] (ls + m - x[y_k]) + S eps / C (W ls - sum_c w_c (x_c - m))
-   every term formed from x - m, which is exact near the max, as in PyTorch's log-softmax. */
-#define ROWS(T, SFX, EXP, LOG)                                                                                    \
-CLONES static int64_t fwd_##SFX(const T *z, int64_t N, int64_t C, const int64_t *y, int64_t K, const T *a,      \
-                                const T *w, T W, T eps, int64_t ignore, T *mx, T *lsum, T *loss,                \
-                                int64_t r0, int64_t r1) {                                                        \
-    int64_t bad = 0;                                                                                             \
-    for (int64_t i = r0; i < r1; i++) {                                                                          \
-        const T *x = z + i * C;                                                                                  \
-        T m = -INFINITY;                                                                                         \
-        _Pragma("omp simd reduction(max:m)")                                                                     \
-        for (int64_t j = 0; j < C; j++) m = x[j] > m ? x[j] : m;                                                 \
-        T se = 0, sd = 0, swd = 0;                                                                               \
-        if (w) {                                                                                                 \
-            _Pragma("omp simd reduction(+:se) reduction(+:sd) reduction(+:swd)")                                 \
-            for (int64_t j = 0; j < C; j++) { T d = x[j] - m; se += EXP(d); sd += d; swd += w[j] * d; }          \
-        } else {                                                                                                 \
-            _Pragma("omp simd reduction(+:se) reduction(+:sd)")                                                  \
-            for (int64_t j = 0; j < C; j++) { T d = x[j] - m; se += EXP(d); sd += d; }                           \
-            swd = sd;                                                                                            \
-        }                                                                                                        \
-        if (!isfinite(sd)) { bad++; mx[i] = lsum[i] = loss[i] = NAN; continue; }  /* an inf or a nan */         \
-        T ls = LOG(se), S = 0, A = 0, t = 0;                                                                     \
-        for (int64_t k = 0; k < K; k++) {                                                                        \
-            int64_t c = y[k * N + i]; if (c == ignore) continue;                                                 \
-            T ak = a ? a[k * N + i] : (T)1, awk = ak * (w ? w[c] : (T)1);                                        \
-            S += ak; A += awk; t += awk * (m - x[c]);                                                            \
-        }                                                                                                        \
-        mx[i] = m; lsum[i] = ls;                                                                                 \
-        loss[i] = (1 - eps) * (A * ls + t) + (eps != 0 ? S * eps / (T)C * (W * ls - swd) : (T)0);                \
-    }                                                                                                            \
-    return bad;                                                                                                  \
-}                                                                                                                \
-CLONES static void bwd_##SFX(const T *z, T *o, int64_t N, int64_t C, const int64_t *y, int64_t K, const T *a,   \
-                             const T *w, T W, T eps, int64_t ignore, const T *mx, const T *lsum, const T *g,     \
-                             int64_t gs, T scale, int64_t r0, int64_t r1) {                                      \
-    for (int64_t i = r0; i < r1; i++) {                                                                          \
-        const T *x = z + i * C; T *oi = o + i * C;                                                               \
-        T S = 0, A = 0;                                                                                          \
-        for (int64_t k = 0; k < K; k++) {                                                                        \
-            int64_t c = y[k * N + i]; if (c == ignore) continue;                                                 \
-            T ak = a ? a[k * N + i] : (T)1; S += ak; A += ak * (w ? w[c] : (T)1);                                \
-        }                                                                                                        \
-        /* d loss / dz_c = p_c ((1 - eps) A + S eps W / C) - S eps w_c / C - (1 - eps) sum_k a_k w[y_k] [c = y_k] */ \
-        T c = g[i * gs] * scale, P = c * ((1 - eps) * A + S * eps * W / (T)C), B = c * S * eps / (T)C;           \
-        T m = mx[i], ls = lsum[i];                                                                               \
-        if (w) {                                                                                                 \
-            _Pragma("omp simd")                                                                                  \
-            for (int64_t j = 0; j < C; j++) oi[j] = P * EXP((x[j] - m) - ls) - B * w[j];                         \
-        } else {                                                                                                 \
-            _Pragma("omp simd")                                                                                  \
-            for (int64_t j = 0; j < C; j++) oi[j] = P * EXP((x[j] - m) - ls) - B;                                \
-        }                                                                                                        \
-        for (int64_t k = 0; k < K; k++) {                                                                        \
-            int64_t cl = y[k * N + i]; if (cl == ignore) continue;                                               \
-            oi[cl] -= c * (1 - eps) * (a ? a[k * N + i] : (T)1) * (w ? w[cl] : (T)1);                            \
-        }                                                                                                        \
-    }                                                                                                            \
-}
-
-ROWS(float, f, exp_f, logf)
-ROWS(double, d, exp_d, log)
-
-typedef struct {
-    int dbl; const void *z; void *o; int64_t N, C; const int64_t *y; int64_t K; const void *a; const void *w;
-    double W, eps; int64_t ignore; void *mx, *ls, *loss; const void *g; int64_t gs; double scale; int64_t r0, r1, bad;
-} job_t;
-
-static void *fwd_job(void *p) {
-    job_t *j = (job_t *)p;
-    j->bad = j->dbl ? fwd_d(j->z, j->N, j->C, j->y, j->K, j->a, j->w, j->W, j->eps, j->ignore, j->mx, j->ls, j->loss, j->r0, j->r1)
-                    : fwd_f(j->z, j->N, j->C, j->y, j->K, j->a, j->w, (float)j->W, (float)j->eps, j->ignore, j->mx, j->ls,
-                            j->loss, j->r0, j->r1);
-    return NULL;
-}
-static void *bwd_job(void *p) {
-    job_t *j = (job_t *)p;
-    if (j->dbl) bwd_d(j->z, j->o, j->N, j->C, j->y, j->K, j->a, j->w, j->W, j->eps, j->ignore, j->mx, j->ls, j->g, j->gs,
-                      j->scale, j->r0, j->r1);
-    else bwd_f(j->z, j->o, j->N, j->C, j->y, j->K, j->a, j->w, (float)j->W, (float)j->eps, j->ignore, j->mx, j->ls, j->g,
-               j->gs, (float)j->scale, j->r0, j->r1);
-    return NULL;
-}
-
-#define MAX_THREADS 256
-#define MIN_WORK 65536   /* logits per thread: below this, waking a thread costs more than it saves */
-
-/* Rows split into contiguous blocks, one per thread. Built with -fopenmp the blocks run on the OpenMP pool, which
-   is PyTorch's own where PyTorch uses libgomp (the library shares its soname, so the loader maps one copy):
-   no second pool competes with PyTorch's spinning threads. Without OpenMP the blocks run one after another. */
-static int64_t run(job_t *base, int nthreads, void *(*fn)(void *)) {
-    int64_t nt = nthreads < 1 ? 1 : nthreads, per = base->N * base->C / MIN_WORK;
-    if (nt > MAX_THREADS) nt = MAX_THREADS;
-    if (nt > per) nt = per;
-    if (nt > base->N) nt = base->N;
-    if (nt < 1) nt = 1;
-    if (nt == 1) { base->r0 = 0; base->r1 = base->N; base->bad = 0; fn(base); return base->bad; }
-    job_t jobs[MAX_THREADS];
-    for (int64_t t = 0; t < nt; t++) { jobs[t] = *base; jobs[t].r0 = base->N * t / nt; jobs[t].r1 = base->N * (t + 1) / nt; jobs[t].bad = 0; }
-    #pragma omp parallel for num_threads(nt) schedule(static, 1)
-    for (int64_t t = 0; t < nt; t++) fn(&jobs[t]);
-    int64_t bad = 0;
-    for (int64_t t = 0; t < nt; t++) bad += jobs[t].bad;
-    return bad;
-}
-
-static double wsum(int dbl, const void *w, int64_t C) {
-    double s = 0;
-    if (!w) return (double)C;
-    for (int64_t c = 0; c < C; c++) s += dbl ? ((const double *)w)[c] : (double)((const float *)w)[c];
-    return s;
-}
-
-int fr_version(void) { return 4; }
-
-/* Index of the first target outside [0, C) that is not `ignore`, or -1; `*n_valid` counts the others and `*w_valid`
-   sums their class weights (`w`, or 1 each). */
-int64_t fr_check_targets(const int64_t *y, int64_t n, int64_t C, int64_t ignore, int dbl, const void *w,
-                         int64_t *n_valid, double *w_valid) {
-    int64_t v = 0; double s = 0;
-    for (int64_t i = 0; i < n; i++) {
-        if (y[i] == ignore) continue;
-        if (y[i] < 0 || y[i] >= C) return i;
-        v++;
-        s += !w ? 1.0 : dbl ? ((const double *)w)[y[i]] : (double)((const float *)w)[y[i]];
-    }
-    *n_valid = v; *w_valid = s;
-    return -1;
-}
-
-/* Per-row loss, max and log-sum-exp below the max; `*total` = sum of the row losses in double. Returns the number
-   of rows holding a non-finite logit (their loss is NaN and the caller should not use the result). */
-int64_t fr_sce_forward(int dbl, const void *z, int64_t N, int64_t C, const int64_t *y, int64_t K, const void *a,
-                       const void *w, double eps, int64_t ignore, void *mx, void *ls, void *loss, double *total,
-                       int nthreads) {
-    job_t b = {dbl, z, NULL, N, C, y, K, a, w, wsum(dbl, w, C), eps, ignore, mx, ls, loss, NULL, 0, 1.0, 0, N, 0};
-    int64_t bad = run(&b, nthreads, fwd_job);
-    double s = 0;
-    for (int64_t i = 0; i < N; i++) s += dbl ? ((const double *)loss)[i] : (double)((const float *)loss)[i];
-    *total = s;
-    return bad;
-}
-
-/* grad[i, :] = g[i * gs] * scale * d(loss_i)/dz_i, written over the whole of `grad` (N x C, contiguous). */
-void fr_sce_backward(int dbl, const void *z, void *grad, int64_t N, int64_t C, const int64_t *y, int64_t K,
-                     const void *a, const void *w, double eps, int64_t ignore, const void *mx, const void *ls,
-                     const void *g, int64_t gs, double scale, int nthreads) {
-    job_t b = {dbl, z, grad, N, C, y, K, a, w, wsum(dbl, w, C), eps, ignore, (void *)mx, (void *)ls, NULL, g, gs, scale,
-               0, N, 0};
-    run(&b, nthreads, bwd_job);
-}
-"""
+def _sources()->dict:
+    "The kernel's C files as shipped (name: bytes); the library's file name hashes them"
+    return {p.name: p.read_bytes() for p in sorted(_csrc().glob('*.[ch]'))}
 
 # %% ../nbs/01a_native.ipynb #791e6a07
 def _why_untrusted(st:os.stat_result)->str|None:
@@ -274,25 +98,24 @@ def _compiler()->str|None:
     return os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')
 
 def _lib_name(cc:str, flags:list)->str:
-    "The library's file name: the version, and a hash of the source, the compiler and its flags"
-    key = hashlib.sha256('\0'.join([_SOURCE, cc, *flags, platform.machine(), sys.platform]).encode()).hexdigest()[:16]
-    return f'fr_native_{_VERSION}_{key}.so'
+    "The library's file name: the version, and a hash of the C files' contents, the compiler and its flags"
+    h = hashlib.sha256()
+    for name, text in _sources().items(): h.update(name.encode() + b'\0' + text + b'\0')
+    h.update('\0'.join([cc, *flags, platform.machine(), sys.platform]).encode())
+    return f'fr_native_{_VERSION}_{h.hexdigest()[:16]}.so'
 
 def _compile(cc:str, flags:list, out:Path)->str|None:
-    "Compile the kernel into `out` (atomically, mode 0700); the compiler's complaint if it failed"
-    d = out.parent
-    fd, src = tempfile.mkstemp(suffix='.c', dir=d); os.close(fd)
+    "Compile `csrc/fr_native.c` into `out` (atomically, mode 0700); the compiler's complaint if it failed"
     tmp = out.with_name(f'{out.stem}.{os.getpid()}.{threading.get_ident()}.tmp')
     try:
-        Path(src).write_text(_SOURCE)
-        r = subprocess.run([cc, *flags, src, '-o', str(tmp), '-lm'], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([cc, *flags, str(_csrc()/'fr_native.c'), '-o', str(tmp), '-lm'],
+                           capture_output=True, text=True, timeout=300)
         if r.returncode: return (r.stderr or r.stdout).strip()[-2000:] or f'{cc} exited with {r.returncode}'
         os.chmod(tmp, 0o700)                               # whatever the umask: writable by this user alone
         os.replace(tmp, out)
         return None
     except (OSError, subprocess.SubprocessError) as e: return f'{type(e).__name__}: {e}'
-    finally:
-        for p in (src, tmp): Path(p).unlink(missing_ok=True)
+    finally: tmp.unlink(missing_ok=True)
 
 def _declare(lib):
     P, I, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
@@ -311,6 +134,7 @@ def _load():
     cc = _compiler()
     if not cc: return None, 'no C compiler found (set $CC)'
     _info['compiler'] = cc
+    if not (_csrc()/'fr_native.c').is_file(): return None, f"the kernel's C source is missing from the package: {_csrc()}"
     d, notes = _cache_dir()
     scratch = None
     if d is None:                                          # for this process alone, in a directory no one else can enter

@@ -376,3 +376,34 @@ def test_no_usable_cache_builds_privately_and_leaves_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith('True') and 'temporary' in r.stdout, r.stdout
     assert not list(tmp.iterdir())
+
+# --- the kernel as C files in the package
+
+def test_the_library_name_hashes_the_c_files(tmp_path, monkeypatch):
+    "Compiled from fastai_regularize/csrc: a changed byte in any C file gives another library name, so an edited source is rebuilt"
+    assert {'fr_native.c', 'fr_rows.h'} <= set(native._sources())
+    flags = native._FLAGS + native._VARIANTS[0]
+    name = native._lib_name('cc', flags)
+    for changed in ('fr_native.c', 'fr_rows.h'):
+        copy = tmp_path/changed/'csrc'
+        copy.mkdir(parents=True)
+        for f in native._csrc().iterdir(): (copy/f.name).write_bytes(f.read_bytes() + (b' ' if f.name == changed else b''))
+        monkeypatch.setattr(native, '_csrc', lambda: copy)
+        assert native._lib_name('cc', flags) != name
+    monkeypatch.undo()
+    assert native._lib_name('cc', flags) == name and native._lib_name('gcc', flags) != name
+    assert f'return FR_VERSION;' in (native._csrc()/'fr_native.c').read_text()
+    assert f'#define FR_VERSION {native._VERSION} ' in (native._csrc()/'fr_native.c').read_text()
+
+@pytest.mark.skipif(not HAVE_CC or sys.platform == 'win32', reason='no C compiler')
+def test_missing_c_source_is_named(tmp_path):
+    "An install without its C files: the PyTorch path, and native_info says what is missing"
+    r = _run("""
+        from fastai_regularize import native
+        from pathlib import Path
+        native._csrc = lambda: Path('/nonexistent/csrc')
+        i = native.native_info()
+        print(i['available'], i.get('error'))
+        """, FASTAI_REGULARIZE_CACHE=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('False') and 'C source is missing' in r.stdout, r.stdout

@@ -19,6 +19,7 @@ def test_offline_wheel_install(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for mod in ('all', 'core', 'activations', 'losses', 'mixup'):
         assert f'fastai_regularize/{mod}.py' in names, names
+    assert 'fastai_regularize/csrc/fr_native.c' in names and 'fastai_regularize/csrc/fr_rows.h' in names, names
 
     # A fresh venv standing for Kaggle's image: fastai and its dependencies are there (links to this venv's
     # packages, added as a plain path), our package is not (its editable install and metadata are left out).
@@ -50,6 +51,13 @@ def test_offline_wheel_install(tmp_path):
         learn = Learner(dls, nn.Linear(4, 3), loss_func=LabelSmoothingCrossEntropyFlat(), cbs=MixUp())
         learn.fit(1)
         print('fitted', len(learn.recorder.losses), fastai_regularize.__version__)
+        # the kernel builds from the C source installed with the package, where there is a compiler
+        import shutil
+        from fastai_regularize.native import native_info, _csrc
+        i = native_info()
+        assert i['available'] or not shutil.which('cc'), i
+        assert 'site-packages' in str(_csrc()), _csrc()
+        print('kernel', i['available'])
     """)
     out = run([str(py), '-c', script], cwd=tmp_path, env=clean).stdout
     assert 'fitted 1' in out, out
