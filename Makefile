@@ -23,8 +23,8 @@ test: $(STAMP) check native-check
 	MPLBACKEND=Agg $(BIN)/nbdev-test --n-workers 2
 	MPLBACKEND=Agg $(BIN)/python -m pytest tests/ -q -p no:cacheprovider
 
-# the differential tests of tests/test_differential.py with many more examples than `make test` gives them (5000 per
-# property, about 10 min on 2 cores; HYPOTHESIS_MAX_EXAMPLES=N for more); failures are kept in .hypothesis/ and replayed
+# the differential tests of tests/test_differential.py with many more examples than `make test` gives them (20000 per
+# property, about 6 min on 2 idle cores; HYPOTHESIS_MAX_EXAMPLES=N to change); failures are kept in .hypothesis/ and replayed
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_differential.py -q -p no:cacheprovider --hypothesis-show-statistics
 
