@@ -5,16 +5,16 @@ mixed-target loss MixUp uses."""
 
 # %% ../nbs/02_losses.ipynb #7acd0961
 from __future__ import annotations
+import math
 from functools import partial
 
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from fastai.losses import BaseLoss, BCEWithLogitsLossFlat
 from fastcore.meta import use_kwargs_dict
 
 from .core import check_number, check_reduction, reduce_loss, NoneReduce, loss_reduction
-from .native import smooth_ce
+from .native import smooth_ce, _ce_grad
 
 # %% auto #0
 __all__ = ['label_smoothing_cross_entropy', 'LabelSmoothingCrossEntropy', 'LabelSmoothingCrossEntropyFlat',
@@ -28,22 +28,25 @@ class _SmoothCE(torch.autograd.Function):
         C = z.shape[1]
         logp = torch.log_softmax(z, 1)                     # the only MxC tensor of the forward pass, freed on return
         valid = ys != ignore_index
+        rows = valid.any(0)                                # rows with a target to score
         ys0 = torch.where(valid, ys, 0)
         a = valid.to(z.dtype) if coefs is None else coefs * valid
         s = a.sum(0)                                       # weight of the smoothing term per row
         if weight is not None: a = a * weight[ys0]
         a = a * (1 - eps)
-        loss = -(a * logp.gather(1, ys0.t()).t()).sum(0)
-        if eps: loss = loss - (eps / C) * s * (logp.sum(1) if weight is None else logp @ weight)
-        ctx.save_for_backward(z, ys0, a, s, weight)
-        ctx.eps = eps
+        loss = -(a * logp.gather(1, ys0.t()).t().masked_fill(~valid, 0)).sum(0)
+        if eps: loss = loss - (eps / C) * s * (logp.sum(1) if weight is None else logp @ weight).masked_fill(~rows, 0)
+        ctx.save_for_backward(z, ys, coefs, weight, ys0, a, s, rows)
+        ctx.eps,ctx.ignore_index = eps,ignore_index
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g:Tensor):
-        z, ys0, a, s, weight = ctx.saved_tensors
+        z, ys, coefs, weight, ys0, a, s, rows = ctx.saved_tensors
         eps, C = ctx.eps, z.shape[1]
+        if torch.is_grad_enabled():                        # create_graph=True: a gradient autograd can differentiate
+            return _ce_grad(z, ys, coefs, weight, eps, ctx.ignore_index, g), None, None, None, None, None
+        g = g.masked_fill(~rows, 0)                        # an ignored row's loss is constant, even under g = inf (mean over 0)
         # d/dz_c = p_c (sum_k a_k + s eps W / C) - sum_k a_k [c = y_k] - s eps w_c / C, times the incoming g
         W = C if weight is None else weight.sum()
         grad = torch.softmax(z, 1)                         # becomes the gradient: the one MxC allocation
@@ -68,11 +71,12 @@ class _SmoothCEReduced(torch.autograd.Function):
         return total
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g:Tensor):
         z, y = ctx.saved_tensors
         eps, C = ctx.eps, z.shape[1]
         c = g * ctx.scale
+        if torch.is_grad_enabled():                        # create_graph=True; every target is valid, so none equals -1
+            return _ce_grad(z, y[None], None, None, eps, -1, c.expand(len(y))), None, None, None
         grad = torch.softmax(z, 1).mul_(c)
         if eps: grad.sub_(c, alpha=eps / C)
         grad.scatter_add_(1, y[:, None], c.mul(eps - 1).expand(len(y), 1))
@@ -91,7 +95,7 @@ def _check_targets(y:Tensor, C:int, ignore_index:int, name:str='target')->bool:
         return False
     if not len(y): return True
     lo,hi = torch.aminmax(y)
-    if lo >= 0 and hi < C: return True
+    if lo >= 0 and hi < C: return not 0 <= ignore_index < C or not (y == ignore_index).any()
     bad = ((y < 0) | (y >= C)) & (y != ignore_index)
     if bad.any():
         v = y[bad][0].item()
@@ -107,7 +111,8 @@ def _flatten_ce(input:Tensor, target:Tensor, dim:int=1)->tuple:
     if (input.ndim == 2 and dim in (1, -1) and target.dtype == torch.int64 and target.shape == input.shape[:1]
         and input.dtype in (torch.float32, torch.float64)): return input, target, target.shape  # the usual case, unchecked
     if input.ndim == 0: raise ValueError("`input` must have a class dimension, got a 0-dim tensor")
-    if input.ndim == 1: input,target,dim = input[None],target.reshape(1, *target.shape),1
+    unbatched = input.ndim == 1
+    if unbatched: input,target,dim = input[None],target.reshape(1, *target.shape),1
     dim = dim % input.ndim
     C = input.shape[dim]
     exp_shape = input.shape[:dim] + input.shape[dim+1:]
@@ -123,7 +128,7 @@ def _flatten_ce(input:Tensor, target:Tensor, dim:int=1)->tuple:
     z = z.reshape(-1, C)
     if z.dtype in (torch.float16, torch.bfloat16): z = z.float()
     y = target.movedim(dim, -1).reshape(-1, C) if target.is_floating_point() else target.reshape(-1).long()
-    return z, y, exp_shape
+    return z, y, (torch.Size() if unbatched else exp_shape)
 
 def _weight(weight:Tensor|None, z:Tensor)->Tensor|None:
     if weight is None: return None
@@ -147,6 +152,9 @@ def label_smoothing_cross_entropy(
     z, y, shape = _flatten_ce(input, target)
     w = _weight(weight, z)
     if y.is_floating_point():                              # probability targets: PyTorch's formula, plain autograd
+        if ignore_index >= 0:
+            raise ValueError(f"`ignore_index` must be negative with class-probability targets (as in PyTorch, "
+                             f"nothing can be ignored there), got {ignore_index}")
         q = y.to(z.dtype) * (1 - eps) + eps / z.shape[1]
         logp = F.log_softmax(z, 1)
         loss = -((logp * q) if w is None else (logp * q * w)).sum(1)
@@ -160,7 +168,10 @@ def label_smoothing_cross_entropy(
     if reduction == 'none': return loss.view(shape)
     if reduction == 'sum': return loss.sum()
     valid = y != ignore_index
-    return loss.sum() / (valid.sum() if w is None else (w[torch.where(valid, y, 0)] * valid).sum())
+    den = valid.sum() if w is None else (w[torch.where(valid, y, 0)] * valid).sum()
+    # nothing to divide by (every target ignored, or their class weights sum to 0): PyTorch's NaN, and its gradient,
+    # which is 0 in ignored rows (`_SmoothCE` masks them) and NaN in the others
+    return loss.sum() / torch.where(den != 0, den, float('nan'))
 
 # %% ../nbs/02_losses.ipynb #0051dd87
 class LabelSmoothingCrossEntropy(nn.Module):
@@ -250,10 +261,10 @@ def _ce_spec(lf)->dict|None:
 
 def _per_item(loss:Tensor, n:int)->Tensor:
     "Per-item (or per-element) losses as (n, k) rows, one per item"
-    if loss.ndim == 0 or loss.numel() % n:
+    if loss.ndim == 0 or (loss.numel() % n if n else loss.numel()):
         raise TypeError(f"the loss returned shape {tuple(loss.shape)} under reduction='none', which is not per item "
                         f"for a batch of {n}; MixUp needs per-item (or per-element) losses")
-    return loss.reshape(n, -1)
+    return loss.reshape(n, -1) if n else loss.reshape(0, math.prod(loss.shape[1:]))
 
 # %% ../nbs/02_losses.ipynb #027108fc
 def mixed_loss(loss_func, # The user's loss: called as `loss_func(pred, *yb)`
@@ -278,7 +289,8 @@ def mixed_loss(loss_func, # The user's loss: called as `loss_func(pred, *yb)`
                              f"{(t2.dtype, tuple(t2.shape)) if isinstance(t2, Tensor) else type(t2).__name__}")
         # flattened as `_flatten_ce` flattens `yb1`'s targets; the logits are not flattened (or copied) twice
         y1,y2 = y1.to(z.device),_plain(t2).reshape(-1).long().to(z.device)
-        lam_e = lam.to(z.device, z.dtype)[:, None].expand(n, z.shape[0] // n).reshape(-1)
+        k = z.shape[0] // n if n else math.prod(shape[1:])   # elements per item (pixels for segmentation)
+        lam_e = lam.to(z.device, z.dtype)[:, None].expand(n, k).reshape(-1)
         ys,coefs,red = torch.stack([y1, y2]),torch.stack([lam_e, 1 - lam_e]),spec['reduction']
         w = _weight(spec['weight'], z)
         # the CPU kernel of `native`, if it applies
@@ -287,7 +299,7 @@ def mixed_loss(loss_func, # The user's loss: called as `loss_func(pred, *yb)`
             for y in (y1, y2): _check_targets(y, z.shape[1], spec['ignore_index'])
             loss = _SmoothCE.apply(z, ys, coefs, w, float(spec['eps']), spec['ignore_index'])
             if red != 'none': loss = reduce_loss(loss, red)
-        return loss.view(n, -1).squeeze(1) if red == 'none' else loss
+        return loss.view(n, k).squeeze(1) if red == 'none' else loss
     red = loss_reduction(loss_func)
     with NoneReduce(loss_func) as lf:
         l1,l2 = _per_item(lf(pred, *yb1), n),_per_item(lf(pred, *yb2), n)

@@ -5,204 +5,78 @@ compiled from a small C file the first time it is needed; the PyTorch path stays
 
 # %% ../nbs/01a_native.ipynb #742849cb
 from __future__ import annotations
-import ctypes, hashlib, os, platform, shutil, subprocess, sys, tempfile, threading
+import ctypes, hashlib, os, platform, shutil, stat, subprocess, sys, tempfile, threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 # %% auto #0
 __all__ = ['native_info', 'use_native', 'smooth_ce']
 
 # %% ../nbs/01a_native.ipynb #cf186b56
-_VERSION = 4
+_VERSION = 5   # must equal fr_version() of the C file: a library of another version is never used
 
-_SOURCE = r"""
-/* fastai_regularize native kernels: label-smoothed, K-target cross-entropy over the rows of a logits matrix. */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
+def _csrc()->Path:
+    "The package's directory of C sources, `fastai_regularize/csrc`"
+    import fastai_regularize
+    return Path(fastai_regularize.__file__).parent/'csrc'
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && !defined(FR_NO_CLONES)
-#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CLONES
-#endif
+def _sources()->dict:
+    "The kernel's C files as shipped (name: bytes); the library's file name hashes them"
+    return {p.name: p.read_bytes() for p in sorted(_csrc().glob('*.[ch]'))}
 
-/* e^x for x <= ~0 (x - max or x - lse): Cephes expf, rounded by the 1.5 * 2^23 trick instead of floorf so that
-   loops vectorise; within 2 ulp. Below -87 (where e^x is no longer a normal float) it returns 0. NaN never
-   reaches it: rows with a non-finite value are reported and left to PyTorch. */
-static inline float exp_f(float x) {
-    float xc = x < -87.0f ? -87.0f : x;
-    float t = xc * 1.44269504088896341f + 12582912.0f;
-    int32_t ti; memcpy(&ti, &t, 4);
-    float n = t - 12582912.0f;
-    float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f; p = p * r + 8.3334519073e-3f; p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f; p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t bi = (ti - 0x4B400000 + 127) << 23; float s; memcpy(&s, &bi, 4);
-    return x < -87.0f ? 0.0f : p * s;
-}
-static inline double exp_d(double x) { return exp(x); }
+# %% ../nbs/01a_native.ipynb #791e6a07
+def _why_untrusted(st:os.stat_result)->str|None:
+    "Why a directory or file with status `st` must not be trusted (another owner; writable by group or others), or None"
+    if st.st_uid != os.geteuid(): return f'owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})'
+    if st.st_mode & 0o022: return f'writable by group or others (mode {stat.S_IMODE(st.st_mode):o})'
+    return None
 
-/* Per row, with m = max, ls = log sum e^(x - m) (so -log p_c = ls + m - x_c), class weights w (W = sum w, or
-   w = 1, W = C without them), a_k the weight of target k (0 if ignored) and S = sum a_k, PyTorch's formula:
-     loss = (1 - eps) sum_k a_k w[y_k] (ls + m - x[y_k]) + S eps / C (W ls - sum_c w_c (x_c - m))
-   every term formed from x - m, which is exact near the max, as in PyTorch's log-softmax. */
-#define ROWS(T, SFX, EXP, LOG)                                                                                    \
-CLONES static int64_t fwd_##SFX(const T *z, int64_t N, int64_t C, const int64_t *y, int64_t K, const T *a,      \
-                                const T *w, T W, T eps, int64_t ignore, T *mx, T *lsum, T *loss,                \
-                                int64_t r0, int64_t r1) {                                                        \
-    int64_t bad = 0;                                                                                             \
-    for (int64_t i = r0; i < r1; i++) {                                                                          \
-        const T *x = z + i * C;                                                                                  \
-        T m = -INFINITY;                                                                                         \
-        _Pragma("omp simd reduction(max:m)")                                                                     \
-        for (int64_t j = 0; j < C; j++) m = x[j] > m ? x[j] : m;                                                 \
-        T se = 0, sd = 0, swd = 0;                                                                               \
-        if (w) {                                                                                                 \
-            _Pragma("omp simd reduction(+:se) reduction(+:sd) reduction(+:swd)")                                 \
-            for (int64_t j = 0; j < C; j++) { T d = x[j] - m; se += EXP(d); sd += d; swd += w[j] * d; }          \
-        } else {                                                                                                 \
-            _Pragma("omp simd reduction(+:se) reduction(+:sd)")                                                  \
-            for (int64_t j = 0; j < C; j++) { T d = x[j] - m; se += EXP(d); sd += d; }                           \
-            swd = sd;                                                                                            \
-        }                                                                                                        \
-        if (!isfinite(sd)) { bad++; mx[i] = lsum[i] = loss[i] = NAN; continue; }  /* an inf or a nan */         \
-        T ls = LOG(se), S = 0, A = 0, t = 0;                                                                     \
-        for (int64_t k = 0; k < K; k++) {                                                                        \
-            int64_t c = y[k * N + i]; if (c == ignore) continue;                                                 \
-            T ak = a ? a[k * N + i] : (T)1, awk = ak * (w ? w[c] : (T)1);                                        \
-            S += ak; A += awk; t += awk * (m - x[c]);                                                            \
-        }                                                                                                        \
-        mx[i] = m; lsum[i] = ls;                                                                                 \
-        loss[i] = (1 - eps) * (A * ls + t) + (eps != 0 ? S * eps / (T)C * (W * ls - swd) : (T)0);                \
-    }                                                                                                            \
-    return bad;                                                                                                  \
-}                                                                                                                \
-CLONES static void bwd_##SFX(const T *z, T *o, int64_t N, int64_t C, const int64_t *y, int64_t K, const T *a,   \
-                             const T *w, T W, T eps, int64_t ignore, const T *mx, const T *lsum, const T *g,     \
-                             int64_t gs, T scale, int64_t r0, int64_t r1) {                                      \
-    for (int64_t i = r0; i < r1; i++) {                                                                          \
-        const T *x = z + i * C; T *oi = o + i * C;                                                               \
-        T S = 0, A = 0;                                                                                          \
-        for (int64_t k = 0; k < K; k++) {                                                                        \
-            int64_t c = y[k * N + i]; if (c == ignore) continue;                                                 \
-            T ak = a ? a[k * N + i] : (T)1; S += ak; A += ak * (w ? w[c] : (T)1);                                \
-        }                                                                                                        \
-        /* d loss / dz_c = p_c ((1 - eps) A + S eps W / C) - S eps w_c / C - (1 - eps) sum_k a_k w[y_k] [c = y_k] */ \
-        T c = g[i * gs] * scale, P = c * ((1 - eps) * A + S * eps * W / (T)C), B = c * S * eps / (T)C;           \
-        T m = mx[i], ls = lsum[i];                                                                               \
-        if (w) {                                                                                                 \
-            _Pragma("omp simd")                                                                                  \
-            for (int64_t j = 0; j < C; j++) oi[j] = P * EXP((x[j] - m) - ls) - B * w[j];                         \
-        } else {                                                                                                 \
-            _Pragma("omp simd")                                                                                  \
-            for (int64_t j = 0; j < C; j++) oi[j] = P * EXP((x[j] - m) - ls) - B;                                \
-        }                                                                                                        \
-        for (int64_t k = 0; k < K; k++) {                                                                        \
-            int64_t cl = y[k * N + i]; if (cl == ignore) continue;                                               \
-            oi[cl] -= c * (1 - eps) * (a ? a[k * N + i] : (T)1) * (w ? w[cl] : (T)1);                            \
-        }                                                                                                        \
-    }                                                                                                            \
-}
+def _cache_candidates()->list:
+    "(directory, is it one of the package's default locations), in order of preference"
+    out = []
+    if os.environ.get('FASTAI_REGULARIZE_CACHE'): out.append((Path(os.environ['FASTAI_REGULARIZE_CACHE']), False))
+    if os.environ.get('XDG_CACHE_HOME'): out.append((Path(os.environ['XDG_CACHE_HOME'])/'fastai_regularize', True))
+    try: out.append((Path.home()/'.cache'/'fastai_regularize', True))
+    except RuntimeError: pass                              # no home directory
+    return out
 
-ROWS(float, f, exp_f, logf)
-ROWS(double, d, exp_d, log)
+def _cache_dir()->tuple:
+    "(the first cache directory only this user can write, created 0700 if missing, or None; why others were passed over)"
+    notes = []
+    for d, default in _cache_candidates():
+        try:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.stat(d)
+            why = _why_untrusted(st)
+            if why and default and st.st_uid == os.geteuid() and stat.S_ISDIR(st.st_mode):
+                os.chmod(d, 0o700)                         # ours, left group-writable by an earlier release's umask
+                why = _why_untrusted(os.stat(d))
+            if why is None and not os.access(d, os.W_OK | os.X_OK): why = 'not writable'
+            if why is None: return d, notes
+            notes.append(f'{d} is {why}')
+        except OSError as e: notes.append(f'{d}: {e.strerror or e}')
+    return None, notes
 
-typedef struct {
-    int dbl; const void *z; void *o; int64_t N, C; const int64_t *y; int64_t K; const void *a; const void *w;
-    double W, eps; int64_t ignore; void *mx, *ls, *loss; const void *g; int64_t gs; double scale; int64_t r0, r1, bad;
-} job_t;
+class _Untrusted(OSError): "A cached library, or its directory, that someone other than this user could have written"
 
-static void *fwd_job(void *p) {
-    job_t *j = (job_t *)p;
-    j->bad = j->dbl ? fwd_d(j->z, j->N, j->C, j->y, j->K, j->a, j->w, j->W, j->eps, j->ignore, j->mx, j->ls, j->loss, j->r0, j->r1)
-                    : fwd_f(j->z, j->N, j->C, j->y, j->K, j->a, j->w, (float)j->W, (float)j->eps, j->ignore, j->mx, j->ls,
-                            j->loss, j->r0, j->r1);
-    return NULL;
-}
-static void *bwd_job(void *p) {
-    job_t *j = (job_t *)p;
-    if (j->dbl) bwd_d(j->z, j->o, j->N, j->C, j->y, j->K, j->a, j->w, j->W, j->eps, j->ignore, j->mx, j->ls, j->g, j->gs,
-                      j->scale, j->r0, j->r1);
-    else bwd_f(j->z, j->o, j->N, j->C, j->y, j->K, j->a, j->w, (float)j->W, (float)j->eps, j->ignore, j->mx, j->ls, j->g,
-               j->gs, (float)j->scale, j->r0, j->r1);
-    return NULL;
-}
-
-#define MAX_THREADS 256
-#define MIN_WORK 65536   /* logits per thread: below this, waking a thread costs more than it saves */
-
-/* Rows split into contiguous blocks, one per thread. Built with -fopenmp the blocks run on the OpenMP pool, which
-   is PyTorch's own where PyTorch uses libgomp (the library shares its soname, so the loader maps one copy):
-   no second pool competes with PyTorch's spinning threads. Without OpenMP the blocks run one after another. */
-static int64_t run(job_t *base, int nthreads, void *(*fn)(void *)) {
-    int64_t nt = nthreads < 1 ? 1 : nthreads, per = base->N * base->C / MIN_WORK;
-    if (nt > MAX_THREADS) nt = MAX_THREADS;
-    if (nt > per) nt = per;
-    if (nt > base->N) nt = base->N;
-    if (nt < 1) nt = 1;
-    if (nt == 1) { base->r0 = 0; base->r1 = base->N; base->bad = 0; fn(base); return base->bad; }
-    job_t jobs[MAX_THREADS];
-    for (int64_t t = 0; t < nt; t++) { jobs[t] = *base; jobs[t].r0 = base->N * t / nt; jobs[t].r1 = base->N * (t + 1) / nt; jobs[t].bad = 0; }
-    #pragma omp parallel for num_threads(nt) schedule(static, 1)
-    for (int64_t t = 0; t < nt; t++) fn(&jobs[t]);
-    int64_t bad = 0;
-    for (int64_t t = 0; t < nt; t++) bad += jobs[t].bad;
-    return bad;
-}
-
-static double wsum(int dbl, const void *w, int64_t C) {
-    double s = 0;
-    if (!w) return (double)C;
-    for (int64_t c = 0; c < C; c++) s += dbl ? ((const double *)w)[c] : (double)((const float *)w)[c];
-    return s;
-}
-
-int fr_version(void) { return 4; }
-
-/* Index of the first target outside [0, C) that is not `ignore`, or -1; `*n_valid` counts the others and `*w_valid`
-   sums their class weights (`w`, or 1 each). */
-int64_t fr_check_targets(const int64_t *y, int64_t n, int64_t C, int64_t ignore, int dbl, const void *w,
-                         int64_t *n_valid, double *w_valid) {
-    int64_t v = 0; double s = 0;
-    for (int64_t i = 0; i < n; i++) {
-        if (y[i] == ignore) continue;
-        if (y[i] < 0 || y[i] >= C) return i;
-        v++;
-        s += !w ? 1.0 : dbl ? ((const double *)w)[y[i]] : (double)((const float *)w)[y[i]];
-    }
-    *n_valid = v; *w_valid = s;
-    return -1;
-}
-
-/* Per-row loss, max and log-sum-exp below the max; `*total` = sum of the row losses in double. Returns the number
-   of rows holding a non-finite logit (their loss is NaN and the caller should not use the result). */
-int64_t fr_sce_forward(int dbl, const void *z, int64_t N, int64_t C, const int64_t *y, int64_t K, const void *a,
-                       const void *w, double eps, int64_t ignore, void *mx, void *ls, void *loss, double *total,
-                       int nthreads) {
-    job_t b = {dbl, z, NULL, N, C, y, K, a, w, wsum(dbl, w, C), eps, ignore, mx, ls, loss, NULL, 0, 1.0, 0, N, 0};
-    int64_t bad = run(&b, nthreads, fwd_job);
-    double s = 0;
-    for (int64_t i = 0; i < N; i++) s += dbl ? ((const double *)loss)[i] : (double)((const float *)loss)[i];
-    *total = s;
-    return bad;
-}
-
-/* grad[i, :] = g[i * gs] * scale * d(loss_i)/dz_i, written over the whole of `grad` (N x C, contiguous). */
-void fr_sce_backward(int dbl, const void *z, void *grad, int64_t N, int64_t C, const int64_t *y, int64_t K,
-                     const void *a, const void *w, double eps, int64_t ignore, const void *mx, const void *ls,
-                     const void *g, int64_t gs, double scale, int nthreads) {
-    job_t b = {dbl, z, grad, N, C, y, K, a, w, wsum(dbl, w, C), eps, ignore, (void *)mx, (void *)ls, NULL, g, gs, scale,
-               0, N, 0};
-    run(&b, nthreads, bwd_job);
-}
-"""
+def _load_checked(path:Path):
+    "`ctypes.CDLL(path)` if it and its directory are this user's alone, checked on the opened directory and file"
+    dfd = os.open(path.parent, os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0))
+    try:
+        why = _why_untrusted(os.fstat(dfd))
+        if why: raise _Untrusted(f'{path.parent} is {why}')
+        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)   # a symbolic link fails here
+        try:
+            st = os.fstat(fd)
+            why = _why_untrusted(st) if stat.S_ISREG(st.st_mode) else 'not a regular file'
+            if why: raise _Untrusted(f'{path} is {why}')
+        finally: os.close(fd)
+        # on Linux through the checked directory, which no one else can change: not whatever `path` names by now
+        return ctypes.CDLL(f'/proc/self/fd/{dfd}/{path.name}' if os.path.isdir(f'/proc/self/fd/{dfd}') else str(path))
+    finally: os.close(dfd)
 
 # %% ../nbs/01a_native.ipynb #0ad4c496
 _FLAGS = ['-O3', '-fno-math-errno', '-fopenmp-simd', '-fPIC', '-shared', '-std=gnu99']
@@ -219,35 +93,29 @@ def _enabled()->bool:
     v = getattr(_flag, 'on', None)
     return os.environ.get('FASTAI_REGULARIZE_NATIVE', '1').strip().lower() not in ('0', 'false', 'no', 'off') if v is None else v
 
-def _cache_dir()->Path:
-    for d in (os.environ.get('FASTAI_REGULARIZE_CACHE'),
-              os.environ.get('XDG_CACHE_HOME') and Path(os.environ['XDG_CACHE_HOME'])/'fastai_regularize',
-              Path.home()/'.cache'/'fastai_regularize', Path(tempfile.gettempdir())/'fastai_regularize'):
-        if not d: continue
-        try:
-            Path(d).mkdir(parents=True, exist_ok=True)
-            if os.access(d, os.W_OK): return Path(d)
-        except OSError: pass
-    raise OSError('no writable cache directory')
-
 def _compiler()->str|None:
     "The C compiler the kernel is built with: `$CC`, else the first of cc, gcc, clang on the PATH"
     return os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')
 
+def _lib_name(cc:str, flags:list)->str:
+    "The library's file name: the version, and a hash of the C files' contents, the compiler and its flags"
+    h = hashlib.sha256()
+    for name, text in _sources().items(): h.update(name.encode() + b'\0' + text + b'\0')
+    h.update('\0'.join([cc, *flags, platform.machine(), sys.platform]).encode())
+    return f'fr_native_{_VERSION}_{h.hexdigest()[:16]}.so'
+
 def _compile(cc:str, flags:list, out:Path)->str|None:
-    "Compile `_SOURCE` into `out` (atomically); the compiler's complaint if it failed"
-    d = out.parent
-    fd, src = tempfile.mkstemp(suffix='.c', dir=d); os.close(fd)
+    "Compile `csrc/fr_native.c` into `out` (atomically, mode 0700); the compiler's complaint if it failed"
     tmp = out.with_name(f'{out.stem}.{os.getpid()}.{threading.get_ident()}.tmp')
     try:
-        Path(src).write_text(_SOURCE)
-        r = subprocess.run([cc, *flags, src, '-o', str(tmp), '-lm'], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([cc, *flags, str(_csrc()/'fr_native.c'), '-o', str(tmp), '-lm'],
+                           capture_output=True, text=True, timeout=300)
         if r.returncode: return (r.stderr or r.stdout).strip()[-2000:] or f'{cc} exited with {r.returncode}'
+        os.chmod(tmp, 0o700)                               # whatever the umask: writable by this user alone
         os.replace(tmp, out)
         return None
     except (OSError, subprocess.SubprocessError) as e: return f'{type(e).__name__}: {e}'
-    finally:
-        for p in (src, tmp): Path(p).unlink(missing_ok=True)
+    finally: tmp.unlink(missing_ok=True)
 
 def _declare(lib):
     P, I, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
@@ -261,31 +129,40 @@ def _declare(lib):
     return lib
 
 def _load():
-    "Build (once per machine) and load the library; `None`, with the reason in `_info['error']`, if it cannot be"
+    "Build (once per machine) and load the library: (lib, None), or (None, why it could not be)"
     if sys.platform == 'win32': return None, 'not built on Windows'
     cc = _compiler()
     if not cc: return None, 'no C compiler found (set $CC)'
     _info['compiler'] = cc
-    try: d = _cache_dir()
-    except OSError as e: return None, str(e)
+    if not (_csrc()/'fr_native.c').is_file(): return None, f"the kernel's C source is missing from the package: {_csrc()}"
+    d, notes = _cache_dir()
+    scratch = None
+    if d is None:                                          # for this process alone, in a directory no one else can enter
+        try: d = scratch = Path(tempfile.mkdtemp(prefix='fastai_regularize-'))
+        except OSError as e: return None, f'no private directory to build the kernel in: {e}'
+        _info['cache'] = (f"none ({'; '.join(notes) or 'no candidate'}): built in a private temporary directory "
+                          "for this process, then removed")
+    else: _info['cache'] = str(d) + (f" (passed over: {'; '.join(notes)})" if notes else '')
     errors = []
-    for extra in _VARIANTS:
-        flags = _FLAGS + extra
-        key = hashlib.sha256('\0'.join([_SOURCE, cc, *flags, platform.machine(), sys.platform]).encode()).hexdigest()[:16]
-        path = d/f'fr_native_{_VERSION}_{key}.so'
-        for attempt in range(2):                                   # a cached file that does not load is rebuilt once
-            if not path.exists() or attempt:
-                err = _compile(cc, flags, path)
-                if err: errors.append(err); break
-            try:
-                lib = _declare(ctypes.CDLL(str(path)))
-                if lib.fr_version() != _VERSION: raise OSError(f'{path} is not version {_VERSION}')
-            except (OSError, AttributeError) as e:
-                errors.append(f'{type(e).__name__}: {e}')
-                continue
-            _info['path'],_info['openmp'] = str(path),'-fopenmp' in flags
-            return lib, None
-    return None, 'the kernel did not build or load: ' + ' | '.join(errors)
+    try:
+        for extra in _VARIANTS:
+            flags = _FLAGS + extra
+            path = d/_lib_name(cc, flags)
+            for attempt in range(2):                       # a cached file that does not load or pass the checks is rebuilt once
+                if attempt or not os.path.lexists(path):
+                    err = _compile(cc, flags, path)
+                    if err: errors.append(err); break
+                try:
+                    lib = _declare(_load_checked(path))
+                    if lib.fr_version() != _VERSION: raise OSError(f'{path} is not version {_VERSION}')
+                except (OSError, AttributeError) as e:
+                    errors.append(f'{type(e).__name__}: {e}')
+                    continue
+                _info['path'],_info['openmp'] = str(path),'-fopenmp' in flags
+                return lib, None
+        return None, 'the kernel did not build or load: ' + ' | '.join(errors)
+    finally:
+        if scratch is not None: shutil.rmtree(scratch, ignore_errors=True)
 
 def _selftest(lib)->str|None:
     "The loaded kernel against PyTorch on a small case in both precisions; a description of any difference"
@@ -340,6 +217,19 @@ class _Fallback(Exception): "A row held a non-finite logit: the caller recompute
 
 def _p(t:Tensor|None)->int|None: return None if t is None else t.data_ptr()
 
+def _ce_grad(z:Tensor, ys:Tensor, coefs:Tensor|None, weight:Tensor|None, eps:float, ignore_index:int, g:Tensor)->Tensor:
+    "d/dz of sum_i g_i sum_k coefs[k, i] CE(z_i, ys[k, i]) from differentiable PyTorch ops, for a gradient that needs a graph"
+    C = z.shape[1]
+    valid = ys != ignore_index
+    y0 = torch.where(valid, ys, 0)
+    a = valid.to(z.dtype) if coefs is None else torch.where(valid, coefs, 0)
+    S = a.sum(0)                                                   # weight of the smoothing term per row
+    aw = a if weight is None else a * weight[y0]
+    W = C if weight is None else weight.sum()
+    g = torch.where(valid.any(0), g, 0)                            # a row whose targets are all ignored has loss 0
+    q = torch.zeros_like(z).scatter_add(1, y0.t(), aw.t()) * (1 - eps) + (S * eps / C)[:, None] * (1 if weight is None else weight)
+    return g[:, None] * (torch.softmax(z, 1) * ((1 - eps) * aw.sum(0) + S * eps * W / C)[:, None] - q)
+
 class _SmoothCENative(torch.autograd.Function):
     "Label-smoothed CE of `z` (M, C) against K targets `ys` (K, M) weighted by `coefs` (K, M) or 1, class `weight` or 1, reduced"
     @staticmethod
@@ -353,15 +243,20 @@ class _SmoothCENative(torch.autograd.Function):
             raise _Fallback()
         ctx.save_for_backward(z, ys, coefs, weight, mx, ls)
         ctx.eps, ctx.ignore_index, ctx.lib = eps, ignore_index, lib
-        ctx.scale = 1. if reduction != 'mean' else 1 / n
-        return loss if reduction == 'none' else torch.tensor(total.value * ctx.scale, dtype=z.dtype)
+        # 'mean' over no target (all ignored): PyTorch's 0/0 = NaN, and a zero gradient (every row's loss is constant)
+        ctx.scale = 1. if reduction != 'mean' else 1 / n if n else 0.
+        if reduction == 'none': return loss
+        return torch.tensor(float('nan') if reduction == 'mean' and not n else total.value * ctx.scale, dtype=z.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g:Tensor):
         z, ys, coefs, weight, mx, ls = ctx.saved_tensors
         M, C = z.shape
         g = g.to(z.dtype)
+        if torch.is_grad_enabled():                                # create_graph=True: a gradient autograd can differentiate
+            rows = g if g.ndim else g * ctx.scale
+            grad = _ce_grad(z, ys, coefs, weight, ctx.eps, ctx.ignore_index, rows.expand(M))
+            return grad, None, None, None, None, None, None, None, None
         grad = torch.empty_like(z)
         ctx.lib.fr_sce_backward(int(z.dtype == torch.float64), _p(z), _p(grad), M, C, _p(ys), ys.shape[0], _p(coefs),
                                 _p(weight), ctx.eps, ctx.ignore_index, _p(mx), _p(ls), _p(g), g.stride(0) if g.ndim else 0, ctx.scale,
@@ -395,6 +290,7 @@ def smooth_ce(z:Tensor, # Logits (M, C)
     if lib.fr_check_targets(_p(ys), ys.numel(), z.shape[1], ignore_index, int(z.dtype == torch.float64), _p(weight),
                             ctypes.byref(n_valid), ctypes.byref(w_valid)) >= 0: return None
     n = w_valid.value if mean_over_valid else z.shape[0]
-    if reduction == 'mean' and (n == 0 or not n_valid.value): return None       # PyTorch's 0/0
+    # valid targets whose class weights sum to 0: PyTorch's NaN gradient is left to its path
+    if reduction == 'mean' and n == 0 and n_valid.value: return None
     try: return _SmoothCENative.apply(z, ys, coefs, weight, float(eps), int(ignore_index), reduction, n, lib)
     except _Fallback: return None

@@ -206,3 +206,82 @@ def test_mixed_loss_per_pixel(backend):
            + (1 - lam[:, None, None]) * F.cross_entropy(pred, m2, reduction='none', label_smoothing=0.1)).mean()
     for lf in (LabelSmoothingCrossEntropyFlat(axis=1), partial(F.cross_entropy, label_smoothing=0.1)):
         assert torch.allclose(mixed_loss(lf, pred, (m1,), (m2,), lam), ref, atol=1e-10)
+
+# --- PyTorch's answer where it is subtle (issue 10's reproducers; tests/test_differential.py searches for more)
+
+def test_ignore_index_inside_the_class_range(backend):
+    x = torch.tensor([[.3, .4, .1], [1., 2., .5], [.2, -1., 3.]], dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    for red in ('mean', 'sum', 'none'):
+        ref = F.cross_entropy(x, y, label_smoothing=0.1, ignore_index=0, reduction=red)
+        assert torch.allclose(label_smoothing_cross_entropy(x, y, eps=0.1, ignore_index=0, reduction=red), ref, atol=1e-12)
+    assert abs(label_smoothing_cross_entropy(x, y, eps=0.1, ignore_index=0).item() - 0.425260) < 1e-6
+    g = torch.Generator().manual_seed(0)
+    seg, t = torch.randn(4, 3, 5, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (4, 5, 6), generator=g)
+    assert torch.allclose(LabelSmoothingCrossEntropyFlat(axis=1, ignore_index=0)(seg, t),
+                          F.cross_entropy(seg, t, label_smoothing=0.1, ignore_index=0), atol=1e-12)
+    assert torch.isnan(label_smoothing_cross_entropy(x, torch.full((3,), 2), ignore_index=2))   # all of them ignored
+
+@pytest.mark.parametrize('weighted', [False, True])
+def test_all_ignored_mean_is_nan_with_zero_gradient(weighted, backend):
+    "PyTorch's 0/0: the loss is NaN, but the gradient is 0, so one such batch does not turn the model into NaN"
+    w = torch.rand(4) + .5 if weighted else None
+    for ignore in (-100, 1):
+        x, xr = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+        out = label_smoothing_cross_entropy(x, torch.full((3,), ignore), 0.1, w, ignore_index=ignore)
+        ref = F.cross_entropy(xr, torch.full((3,), ignore), w, ignore_index=ignore, label_smoothing=0.1)
+        assert out.isnan() and ref.isnan()
+        out.backward(); ref.backward()
+        assert torch.equal(x.grad, torch.zeros(3, 4)) and torch.equal(xr.grad, torch.zeros(3, 4))
+
+def test_zero_weight_targets_mean_is_nan_as_pytorch(backend):
+    "Valid targets whose class weights sum to 0: NaN, and PyTorch's gradient (NaN in their rows, 0 in ignored ones)"
+    w = torch.tensor([0., 1, 1, 1], dtype=torch.float64)
+    y = torch.tensor([0, 0, -100])
+    x1 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    out, ref = label_smoothing_cross_entropy(x1, y, 0.1, w), F.cross_entropy(x2, y, w, label_smoothing=0.1)
+    assert out.isnan() and ref.isnan()
+    out.backward(); ref.backward()
+    assert torch.equal(x1.grad.isnan(), x2.grad.isnan()) and torch.equal(x1.grad[2], x2.grad[2])
+
+def test_unbatched_none_is_0_dim(backend):
+    x = torch.randn(6, dtype=torch.float64)
+    for t in (torch.tensor(2), torch.softmax(torch.randn(6, dtype=torch.float64), 0)):
+        for red in ('mean', 'sum', 'none'):
+            ours, ref = label_smoothing_cross_entropy(x, t, 0.1, reduction=red), F.cross_entropy(x, t, label_smoothing=0.1, reduction=red)
+            assert ours.shape == ref.shape == () and torch.allclose(ours, ref)
+        assert LabelSmoothingCrossEntropy(reduction='none')(x, t).shape == ()
+
+def test_probability_targets_refuse_a_non_negative_ignore_index():
+    "PyTorch raises there (nothing can be ignored in a probability target); so do we, naming the argument"
+    x, p = torch.randn(3, 4), torch.rand(3, 4)
+    with pytest.raises(RuntimeError, match='ignore_index'): F.cross_entropy(x, p, ignore_index=0)
+    with pytest.raises(ValueError, match='`ignore_index` must be negative'): label_smoothing_cross_entropy(x, p, ignore_index=0)
+
+@pytest.mark.parametrize('reduction', ['mean', 'sum', 'none'])
+@pytest.mark.parametrize('weighted', [False, True])
+def test_gradgradcheck(reduction, weighted, backend):
+    "The gradient is itself differentiable (create_graph=True), with weights and ignored rows, on both paths"
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y, y2 = torch.tensor([0, 4, -100, 2, 2, 1]), torch.tensor([1, -100, 3, 0, 2, -100])
+    w = torch.rand(5, generator=g, dtype=torch.float64) + .3 if weighted else None
+    lam = torch.rand(6, generator=g, dtype=torch.float64)
+    f = lambda x: label_smoothing_cross_entropy(x, y, 0.2, w, reduction)
+    assert torch.autograd.gradcheck(f, (x,)) and torch.autograd.gradgradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(lambda x: label_smoothing_cross_entropy(x, y.clamp(0), 0.2, w, reduction), (x,))
+    lf = LabelSmoothingCrossEntropy(0.2, w, reduction)
+    assert torch.autograd.gradgradcheck(lambda x: mixed_loss(lf, x, (y,), (y2,), lam), (x,))
+
+def test_gradient_penalty_equals_pytorch(backend):
+    "loss + |d loss/dx|^2, differentiated: the penalty's gradient is not silently dropped"
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 6, (8,), generator=g)
+    def step(loss):
+        x = x0.clone().requires_grad_()
+        l = loss(x, y)
+        gx, = torch.autograd.grad(l, x, create_graph=True)
+        return torch.autograd.grad(l + 0.5 * (gx**2).sum(), x)[0]
+    assert torch.allclose(step(LabelSmoothingCrossEntropy(0.1)), step(lambda x, y: F.cross_entropy(x, y, label_smoothing=0.1)), atol=1e-12)

@@ -254,3 +254,156 @@ def test_class_weights_take_the_kernel_through_the_public_losses():
     assert mixed.grad_fn.name() == '_SmoothCENativeBackward'
     with use_native(False): ref = mixed_loss(lf, z, (y,), (y2,), lam)
     assert torch.allclose(mixed, ref, atol=1e-12)
+
+# --- where the compiled library is loaded from: never a file someone else could have written
+
+PLANTED = r'''
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("a planted library ran\n", f); fclose(f); }
+}
+int fr_version(void) { return VERSION; }
+'''
+needs_cc = pytest.mark.skipif(not HAVE_CC or not sys.platform.startswith('linux'), reason='Linux with a C compiler')
+needs_root = pytest.mark.skipif(not hasattr(os, 'geteuid') or os.geteuid() != 0,
+                                reason='making files owned by another user (chown to nobody) needs root')
+
+@pytest.fixture(scope='module')
+def kernel_name(tmp_path_factory):
+    "The file name the loader builds this version's kernel under, learned from one build into a private cache"
+    r = _run("from fastai_regularize.native import native_info; print(native_info()['path'])",
+             FASTAI_REGULARIZE_CACHE=str(tmp_path_factory.mktemp('probe')/'cache'))
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    return Path(r.stdout.strip()).name
+
+def _plant(path:Path, marker:Path):
+    "A library at `path`, named as the kernel, whose constructor writes `marker` the moment it is loaded"
+    src = marker.with_suffix('.c')
+    src.write_text(PLANTED)
+    r = subprocess.run([native._compiler(), '-shared', '-fPIC', f'-DMARKER="{marker}"', f'-DVERSION={native._VERSION}',
+                        str(src), '-o', str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+def _nobody()->tuple:
+    import pwd
+    p = pwd.getpwnam('nobody')
+    return p.pw_uid, p.pw_gid
+
+def _check_not_loaded(tmp_path, cache:Path, planted:Path, marker:Path):
+    "Loading with `cache` as the cache: the planted library never runs, and the kernel is still built and used"
+    tmp = tmp_path/'tmpdir'
+    tmp.mkdir(exist_ok=True)
+    # no other cache to fall back to (HOME=/dev/null): a private temporary directory, or the cache itself rebuilt
+    r = _run("from fastai_regularize.native import native_info; import json; print(json.dumps(native_info()))",
+             FASTAI_REGULARIZE_CACHE=str(cache), HOME='/dev/null', XDG_CACHE_HOME='', TMPDIR=str(tmp))
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists(), f'the planted library ran: {marker.read_text()!r}'
+    import json
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info['available'], info
+    st = os.lstat(info['path']) if os.path.lexists(info['path']) else None
+    assert st is None or (st.st_uid == os.geteuid() and not st.st_mode & 0o022 and not os.path.islink(info['path'])), info
+    assert not list(tmp.iterdir()), 'the private temporary directory was left behind'
+    return info
+
+@needs_cc
+@pytest.mark.parametrize('mode', [0o777, 0o770, 0o1777])
+def test_planted_library_in_a_shared_cache_dir_is_not_loaded(mode, kernel_name, tmp_path):
+    "A cache directory others can write: a library planted there under the kernel's own name is never loaded"
+    cache = tmp_path/'shared'
+    cache.mkdir()
+    os.chmod(cache, mode)
+    marker = tmp_path/'planted-ran'
+    _plant(cache/kernel_name, marker)
+    info = _check_not_loaded(tmp_path, cache, cache/kernel_name, marker)
+    assert 'writable by group or others' in info.get('cache', ''), info
+
+@needs_cc
+@needs_root
+def test_planted_library_in_another_users_dir_is_not_loaded(kernel_name, tmp_path):
+    cache = tmp_path/'theirs'
+    cache.mkdir(mode=0o755)
+    marker = tmp_path/'planted-ran'
+    _plant(cache/kernel_name, marker)
+    uid, gid = _nobody()
+    os.chown(cache/kernel_name, uid, gid); os.chown(cache, uid, gid)
+    info = _check_not_loaded(tmp_path, cache, cache/kernel_name, marker)
+    assert 'owned by uid' in info.get('cache', ''), info
+
+@needs_cc
+@pytest.mark.parametrize('how', ['owned by another user', 'group-writable', 'symlink'])
+def test_untrusted_file_in_our_cache_is_rebuilt(how, kernel_name, tmp_path):
+    "Our own private cache directory, but a file in it someone else could have written: rebuilt, never loaded"
+    if how == 'owned by another user' and os.geteuid() != 0: pytest.skip('chown to nobody needs root')
+    cache = tmp_path/'ours'
+    cache.mkdir(mode=0o700)
+    marker = tmp_path/'planted-ran'
+    if how == 'symlink':
+        _plant(tmp_path/'elsewhere.so', marker)
+        (cache/kernel_name).symlink_to(tmp_path/'elsewhere.so')
+    else:
+        _plant(cache/kernel_name, marker)
+        if how == 'group-writable': os.chmod(cache/kernel_name, 0o775)
+        else: os.chown(cache/kernel_name, *_nobody())
+    info = _check_not_loaded(tmp_path, cache, cache/kernel_name, marker)
+    assert info['path'] == str(cache/kernel_name)                 # rebuilt in place, by us
+    st = os.lstat(cache/kernel_name)
+    assert st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+@needs_cc
+def test_private_cache_created_0700_and_reused_across_processes(tmp_path):
+    cache = tmp_path/'new'/'cache'
+    code = "from fastai_regularize.native import native_info; print(native_info()['path'])"
+    r1 = _run(code, FASTAI_REGULARIZE_CACHE=str(cache))
+    assert r1.returncode == 0, r1.stderr
+    assert os.stat(cache).st_mode & 0o777 == 0o700
+    path = Path(r1.stdout.strip())
+    assert path.parent == cache
+    before = os.stat(path)
+    r2 = _run(code, FASTAI_REGULARIZE_CACHE=str(cache))
+    assert r2.returncode == 0 and Path(r2.stdout.strip()) == path, r2.stderr
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), 'rebuilt instead of reused'
+
+@needs_cc
+def test_no_usable_cache_builds_privately_and_leaves_nothing(tmp_path):
+    "No cache directory at all: built in a fresh private temporary directory, used, removed; no fixed name in $TMPDIR"
+    tmp = tmp_path/'tmpdir'
+    tmp.mkdir()
+    r = _run("from fastai_regularize.native import native_info; i = native_info(); print(i['available'], i.get('cache'))",
+             HOME='/dev/null', XDG_CACHE_HOME='', FASTAI_REGULARIZE_CACHE='', TMPDIR=str(tmp))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('True') and 'temporary' in r.stdout, r.stdout
+    assert not list(tmp.iterdir())
+
+# --- the kernel as C files in the package
+
+def test_the_library_name_hashes_the_c_files(tmp_path, monkeypatch):
+    "Compiled from fastai_regularize/csrc: a changed byte in any C file gives another library name, so an edited source is rebuilt"
+    assert {'fr_native.c', 'fr_rows.h'} <= set(native._sources())
+    flags = native._FLAGS + native._VARIANTS[0]
+    name = native._lib_name('cc', flags)
+    for changed in ('fr_native.c', 'fr_rows.h'):
+        copy = tmp_path/changed/'csrc'
+        copy.mkdir(parents=True)
+        for f in native._csrc().iterdir(): (copy/f.name).write_bytes(f.read_bytes() + (b' ' if f.name == changed else b''))
+        monkeypatch.setattr(native, '_csrc', lambda: copy)
+        assert native._lib_name('cc', flags) != name
+    monkeypatch.undo()
+    assert native._lib_name('cc', flags) == name and native._lib_name('gcc', flags) != name
+    assert f'return FR_VERSION;' in (native._csrc()/'fr_native.c').read_text()
+    assert f'#define FR_VERSION {native._VERSION} ' in (native._csrc()/'fr_native.c').read_text()
+
+@pytest.mark.skipif(not HAVE_CC or sys.platform == 'win32', reason='no C compiler')
+def test_missing_c_source_is_named(tmp_path):
+    "An install without its C files: the PyTorch path, and native_info says what is missing"
+    r = _run("""
+        from fastai_regularize import native
+        from pathlib import Path
+        native._csrc = lambda: Path('/nonexistent/csrc')
+        i = native.native_info()
+        print(i['available'], i.get('error'))
+        """, FASTAI_REGULARIZE_CACHE=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('False') and 'C source is missing' in r.stdout, r.stdout

@@ -1,5 +1,5 @@
 "The offline Kaggle route: build the wheel, install it with --no-index into a fresh venv that has fastai, use it."
-import subprocess, sys, sysconfig, textwrap, venv, zipfile
+import os, subprocess, sys, sysconfig, textwrap, venv, zipfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ def test_offline_wheel_install(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for mod in ('all', 'core', 'activations', 'losses', 'mixup'):
         assert f'fastai_regularize/{mod}.py' in names, names
+    assert 'fastai_regularize/csrc/fr_native.c' in names and 'fastai_regularize/csrc/fr_rows.h' in names, names
 
     # A fresh venv standing for Kaggle's image: fastai and its dependencies are there (links to this venv's
     # packages, added as a plain path), our package is not (its editable install and metadata are left out).
@@ -29,13 +30,15 @@ def test_offline_wheel_install(tmp_path):
     env_dir = tmp_path/'kaggle'
     venv.create(env_dir, with_pip=True)
     py = env_dir/'bin'/'python'
-    site = run([str(py), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])']).stdout.strip()
+    # the venv sees only what it installs: not a checkout on $PYTHONPATH (how shared development environments point at theirs)
+    clean = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    site = run([str(py), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], env=clean).stdout.strip()
     Path(site, 'kaggle_image.pth').write_text(f'{image}\n')
     # venv's own old setuptools would shadow the image's (torch pins setuptools>=77): one set of packages, as on Kaggle
-    run([str(py), '-m', 'pip', 'uninstall', '-q', '-y', 'setuptools'])
-    r = subprocess.run([str(py), '-c', 'import fastai_regularize'], capture_output=True, text=True, cwd=tmp_path)
+    run([str(py), '-m', 'pip', 'uninstall', '-q', '-y', 'setuptools'], env=clean)
+    r = subprocess.run([str(py), '-c', 'import fastai_regularize'], capture_output=True, text=True, cwd=tmp_path, env=clean)
     assert r.returncode != 0, 'the fresh venv must not see the package before the install'
-    run([str(py), '-m', 'pip', 'install', '-q', '--no-index', '--find-links', str(dist), 'fastai_regularize'], cwd=tmp_path)
+    run([str(py), '-m', 'pip', 'install', '-q', '--no-index', '--find-links', str(dist), 'fastai_regularize'], cwd=tmp_path, env=clean)
 
     script = textwrap.dedent("""
         import torch, torch.nn as nn, fastai_regularize
@@ -48,6 +51,13 @@ def test_offline_wheel_install(tmp_path):
         learn = Learner(dls, nn.Linear(4, 3), loss_func=LabelSmoothingCrossEntropyFlat(), cbs=MixUp())
         learn.fit(1)
         print('fitted', len(learn.recorder.losses), fastai_regularize.__version__)
+        # the kernel builds from the C source installed with the package, where there is a compiler
+        import shutil
+        from fastai_regularize.native import native_info, _csrc
+        i = native_info()
+        assert i['available'] or not shutil.which('cc'), i
+        assert 'site-packages' in str(_csrc()), _csrc()
+        print('kernel', i['available'])
     """)
-    out = run([str(py), '-c', script], cwd=tmp_path).stdout
+    out = run([str(py), '-c', script], cwd=tmp_path, env=clean).stdout
     assert 'fitted 1' in out, out
