@@ -8,13 +8,24 @@ STAMP := $(VENV)/.installed
 # pip.conf on these machines names local indexes that may be absent; drop that noise, keep real errors.
 QUIET := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: demo test fuzz native-check check export wheel bench quality clean
+.PHONY: demo test test-oldest fuzz native-check check export wheel dist docs docs-check bench quality clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip $(QUIET)
 	$(BIN)/pip install -q -e '.[dev]' $(QUIET)
 	touch $(STAMP)
+
+# The oldest fastai/torch that pyproject.toml allows, in a venv of their own (fastai 2.7.19 allows torch < 2.7).
+# nbdev 3 needs a newer fastcore than fastai 2.7 allows, so this runs the pytest suite, not the notebooks.
+OLDEST := .venv-oldest
+OLDEST_PINS := fastai==2.7.19 torch==2.6.0 torchvision==0.21.0
+
+$(OLDEST)/.installed: pyproject.toml setup.py
+	test -x $(OLDEST)/bin/python || $(PY) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install -q --upgrade pip $(QUIET)
+	$(OLDEST)/bin/pip install -q $(OLDEST_PINS) -e '.[test]' $(QUIET)
+	touch $@
 
 demo: $(STAMP)
 	$(BIN)/fastai-regularize compare
@@ -27,6 +38,10 @@ test: $(STAMP) check native-check
 # property, about 6 min on 2 idle cores; HYPOTHESIS_MAX_EXAMPLES=N to change); failures are kept in .hypothesis/ and replayed
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_differential.py -q -p no:cacheprovider --hypothesis-show-statistics
+
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -c "import fastai, torch; print('fastai', fastai.__version__, 'torch', torch.__version__)"
+	MPLBACKEND=Agg $(OLDEST)/bin/python -m pytest tests/ -q -p no:cacheprovider
 
 check: $(STAMP)
 	BIN=$(BIN) bash scripts/check_sync.sh
@@ -41,6 +56,22 @@ export: $(STAMP)
 wheel: $(STAMP)
 	rm -rf dist && $(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist . $(QUIET)
 	$(BIN)/python -c "import zipfile,glob; n=zipfile.ZipFile(glob.glob('dist/*.whl')[0]).namelist(); print('\n'.join(n)); assert 'fastai_regularize/all.py' in n; assert 'fastai_regularize/csrc/fr_native.c' in n and 'fastai_regularize/csrc/fr_rows.h' in n, 'the C kernel is not in the wheel'"
+
+# sdist and wheel into dist/ (the wheel is built from the sdist, so the sdist is complete), twine-checked. The version
+# in their names is `__version__` in fastai_regularize/__init__.py, the one place it is written.
+dist: $(STAMP)
+	rm -rf dist && $(BIN)/python -m build -q --no-isolation --outdir dist . $(QUIET)
+	$(BIN)/twine check --strict dist/*
+	v=$$($(BIN)/python -c "import re; print(re.search(r'__version__ = \"(.+)\"', open('fastai_regularize/__init__.py').read())[1])") && \
+	  ls dist/fastai_regularize-$$v.tar.gz dist/fastai_regularize-$$v-py3-none-any.whl
+
+# The notebooks (their stored outputs, not executed) and README.md as a static site in _docs/, with an API index;
+# docs-check opens every page in headless Chromium (Debian's `chromium`) and saves screenshots in out/docs-check/.
+docs: $(STAMP)
+	$(BIN)/python scripts/make_docs.py
+
+docs-check: docs
+	$(BIN)/python scripts/check_docs.py _docs out/docs-check
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py

@@ -4,14 +4,15 @@
 
 # %% ../nbs/06_cli.ipynb #d7dd8b69
 from __future__ import annotations
-import json, math, sys, time, warnings
+import argparse, inspect, json, math, sys, time, warnings
 from collections import Counter
 from pathlib import Path
 
 # fastai's import of torch.jit.script warns on torch >= 2.10; a CLI's stderr is for the user's errors
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 import torch
-from fastcore.script import call_parse, store_true, anno_parser
+from fastcore.docments import docments
+from fastcore.script import store_true, anno_parser
 
 from .core import check_number, check_int
 from .data import DataError, DataWarning, digits_folder, image_folder_dls, get_test_images
@@ -200,7 +201,6 @@ def _save_reliability(learn, fn:str):
     fig.tight_layout(); fig.savefig(fn, dpi=100); plt.close(fig)
     print(f"wrote {fn}")
 
-@call_parse(pos=['path'])
 def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ holding them (default: the digits)
         arch:str='resnet18', # Model: torchvision/fastai name (resnet18, resnet34) or timm name (resnet10t)
         epochs:int=4, # Epochs of fit_one_cycle
@@ -247,7 +247,6 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
     return res
 
 # %% ../nbs/06_cli.ipynb #8185f1cc
-@call_parse(pos=['model', 'dir'])
 def predict(model:str, # Learner saved by `fit --export` (learn.export)
             dir:str, # Folder of images to predict
             out:str='preds.csv', # CSV to write: image_id,label
@@ -282,7 +281,6 @@ def _plot(rows:list, losses:dict, fn:Path):
     a1.set_xlabel('batch'); a1.set_ylabel('training loss (smoothed)'); a1.legend(); a1.set_title('training loss')
     fig.tight_layout(); fig.savefig(fn, dpi=100); plt.close(fig)
 
-@call_parse(pos=['path'])
 def compare(path:str=None, # Image folder as for fit (default: the digits)
             arch:str='resnet18', # Model name
             epochs:int=4, # Epochs of fit_one_cycle
@@ -325,6 +323,18 @@ def _fail(msg:str, code:int=2):
     print(f"{PROG}: error: {msg}", file=sys.stderr)
     return code
 
+def _parser(func, prog:str, pos:list)->argparse.ArgumentParser:
+    "fastcore's `anno_parser(func, prog=prog, pos=pos)`: `pos` positional (optional where they have a default), `--a-b` options"
+    if 'pos' in inspect.signature(anno_parser).parameters: return anno_parser(func, prog=prog, pos=pos)
+    p = argparse.ArgumentParser(prog=prog, description=func.__doc__)  # fastcore < 1.8 (fastai 2.7)
+    for k,v in docments(func, full=True, returns=False, eval_str=True).items():
+        opt = () if k in pos else (f"--{k.replace('_', '-')}",)
+        if v.anno is store_true: p.add_argument(*opt, dest=k, action='store_true', help=v.docment)
+        elif v.default is inspect.Parameter.empty: p.add_argument(k, type=v.anno, help=v.docment)
+        elif opt: p.add_argument(*opt, dest=k, type=v.anno, default=v.default, help=v.docment)
+        else: p.add_argument(k, nargs='?', type=v.anno, default=v.default, help=v.docment)
+    return p
+
 def _show_data_warning(message, category, filename, lineno, file=None, line=None):
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
@@ -339,7 +349,7 @@ def main(argv:list|None=None, # Arguments after the program name; None: `sys.arg
     if name not in COMMANDS: return _fail(f"unknown command {name!r}; {USAGE}")
     func,pos = COMMANDS[name]
     sys.argv = [f'{PROG} {name}', *rest]
-    p = anno_parser(func.__wrapped__, prog=f'{PROG} {name}', pos=pos)
+    p = _parser(func, f'{PROG} {name}', pos)
     def _error(msg): raise UsageError(msg)
     p.error = _error  # one line, not argparse's usage + error
     show = warnings.showwarning
@@ -347,7 +357,7 @@ def main(argv:list|None=None, # Arguments after the program name; None: `sys.arg
     try:
         args = vars(p.parse_args(rest))
         args.pop('pdb', None); args.pop('xtra', None)
-        func.__wrapped__(**args)
+        func(**args)
     except (UsageError, DataError) as e: return _fail(f"{name}: {e}")
     except SystemExit as e: return e.code if isinstance(e.code, int) else 0  # --help
     finally: warnings.showwarning = show

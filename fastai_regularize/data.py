@@ -13,7 +13,7 @@ import torch, torch.nn.functional as F
 from torch import Tensor
 from PIL import Image
 from fastcore.foundation import L
-from fasttransform import Transform
+from fastai.imports import Transform  # the Transform fastai's pipelines use: fasttransform's on 2.8, fastcore's on 2.7
 from fastai.torch_core import TensorImage, TensorImageBW, TensorCategory
 from fastai.data.block import DataBlock, CategoryBlock
 from fastai.data.core import TfmdDL, DataLoaders

@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 snap() { find nbs fastai_regularize README.md -type f -not -path '*/__pycache__/*' -not -path '*/.ipynb_checkpoints/*' | sort | xargs sha1sum; }
 before=$(snap)
+# nbdev-export rewrites pyproject.toml even when nothing changes; keep its time so make's .venv stamps stay valid
+keep=$(mktemp); cp -p pyproject.toml "$keep"
 $BIN/nbdev-export
+if cmp -s pyproject.toml "$keep"; then touch -r "$keep" pyproject.toml; fi
+rm -f "$keep"
 $BIN/nbdev-clean
 $BIN/python scripts/make_readme.py
 after=$(snap)

@@ -4,16 +4,13 @@ Launched by `tests/test_distributed.py` as
 `python -m torch.distributed.run --nproc_per_node 2 --master_port PORT tests/dist_script.py OUTDIR`;
 each rank writes `OUTDIR/rank{R}.json` with what it saw, and the test compares the two files.
 
-fastai 2.8.12's distributed route is CUDA-only as shipped: `DistributedDL._broadcast` calls `.cuda()` (NCCL needs
-CUDA tensors) and `DistributedTrainer._wrap_dl` reads `model.device`, which a CPU `DistributedDataParallel` does
-not have. The two patches below swap them for CPU versions (a gloo broadcast of the same tensor; the device of
-the model's first parameter). They are a TEST shim, deliberately not in the library: they change fastai
-internals, and on GPUs fastai's own versions are the right ones.
+It trains inside `fastai_regularize.distributed.cpu_distrib`, which replaces fastai's CUDA-only index broadcast
+for the block; the file records whether fastai's own functions are back after it.
 """
 import json, os, sys
 from pathlib import Path
 
-import torch, torch.nn as nn, torch.distributed as dist
+import torch, torch.nn as nn
 
 torch.set_flush_denormal(True)
 torch.set_num_threads(1)
@@ -26,20 +23,7 @@ from fastai.distributed import DistributedDL, DistributedTrainer
 
 from fastai_regularize.losses import LabelSmoothingCrossEntropyFlat
 from fastai_regularize.mixup import MixUp
-
-# ---- test shim: CPU versions of fastai's two CUDA-only pieces (see the module docstring) ----
-def _broadcast_cpu(self, t, rank):
-    "Broadcast the index list `t` from `rank` with whatever backend the process group has (gloo here)"
-    t = torch.LongTensor(t)
-    dist.broadcast(t, rank)
-    return t.tolist()
-
-def _wrap_dl_cpu(self, dl):
-    return dl if isinstance(dl, DistributedDL) else DistributedDL(dl, device=next(self.learn.model.parameters()).device)
-
-DistributedDL._broadcast = _broadcast_cpu
-DistributedTrainer._wrap_dl = _wrap_dl_cpu
-# ---- end of shim ----
+from fastai_regularize.distributed import cpu_distrib
 
 N_TRAIN, N_VALID, N_CLASSES, BS = 48, 20, 3, 6
 
@@ -80,7 +64,8 @@ def main(outdir):
     learn = Learner(dls, model, loss_func=lf, cbs=[MixUp(1.), pre, post])
     torch.manual_seed(100 + int(os.environ.get('RANK', 0)))  # each rank draws its own λ and partners
     res = {}
-    with learn.distrib_ctx(cpu=True, sync_bn=False):
+    fastai_fns = DistributedDL._broadcast,DistributedTrainer._wrap_dl
+    with cpu_distrib(learn):
         rank,world = rank_distrib(),num_distrib()
         learn.fit(2, lr=1e-2)
         train_losses = [float(v[0]) for v in learn.recorder.values]  # before get_preds resets the recorder
@@ -103,7 +88,9 @@ def main(outdir):
                partners=partners, partners_not_in_own_batch=bad,
                final_loss=train_losses[-1], train_losses=train_losses,
                n_gathered_preds=int(preds.shape[0]), n_gathered_targs=int(targs.shape[0]), n_valid=N_VALID,
-               loss_func_same=learn.loss_func is lf, reduction=lf.reduction, calibrated_base=cal)
+               loss_func_same=learn.loss_func is lf, reduction=lf.reduction, calibrated_base=cal,
+               fastai_fns_restored=(DistributedDL._broadcast,DistributedTrainer._wrap_dl) == fastai_fns,
+               model_unwrapped=type(learn.model) is nn.Sequential)
     Path(outdir, f'rank{rank}.json').write_text(json.dumps(res))
 
 if __name__ == '__main__': main(sys.argv[1])

@@ -182,3 +182,22 @@ def test_compare_writes_table_json_and_curves(tmp_path, env, digits):
     # 48 training images in batches of 16, one epoch: three smoothed losses per configuration
     assert {k: len(v) for k,v in js['train_losses'].items()} == {c: 3 for c in df.config}
     assert (tmp_path/'cmp'/'compare.png').stat().st_size > 10_000
+
+
+ARGVS = {'fit': [[], ['some/dir'], ['d', '--epochs', '2', '--no-mixup', '--lr', '0.01'], ['--test-dir', 't', '--cutmix', 'd'],
+                 ['--sample-submission', 's.csv', '--submission', 'o.csv', '--seed', '7']],
+         'compare': [[], ['d', '--out', 'o', '--bs', '8']],
+         'predict': [['m.pkl', 'd'], ['m.pkl', 'd', '--out', 'p.csv', '--seed', '3']]}
+
+@pytest.mark.parametrize('name', sorted(ARGVS))
+def test_parser_without_fastcore_pos(name, monkeypatch):
+    "fastai 2.7 pins fastcore < 1.8, whose `anno_parser` has no `pos`: `_parser`'s own parser reads the same arguments"
+    from fastai_regularize import cli as frc
+    func,pos = frc.COMMANDS[name]
+    ref = frc._parser(func, 'prog', pos)
+    old = lambda func, prog=None: pytest.fail('the fallback must not call anno_parser')  # fastcore 1.7's signature
+    monkeypatch.setattr(frc, 'anno_parser', old)
+    fallback = frc._parser(func, 'prog', pos)
+    for argv in ARGVS[name]:
+        want = {k:v for k,v in vars(ref.parse_args(argv)).items() if k not in ('pdb', 'xtra')}
+        assert vars(fallback.parse_args(argv)) == want, argv

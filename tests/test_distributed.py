@@ -1,7 +1,7 @@
 """Two CPU processes (gloo) through fastai's distributed route, training with MixUp + label smoothing.
 
-`tests/dist_script.py` holds the run and a small test-only shim for fastai's two CUDA-only pieces; this file
-launches it with `torch.distributed.run` and checks what each rank wrote."""
+`tests/dist_script.py` holds the run, inside `fastai_regularize.distributed.cpu_distrib` as the README's CPU route
+says; this file launches it with `torch.distributed.run` and checks what each rank wrote."""
 import json, os, socket, subprocess, sys
 from pathlib import Path
 
@@ -60,3 +60,7 @@ def test_calibrated_base_equal_across_ranks(ranks):
     pytest.importorskip('fastai_regularize.calibration')
     b0,b1 = (r['calibrated_base'] for r in ranks)
     assert b0 is not None and b0 == b1
+
+@pytest.mark.slow
+def test_fastai_functions_restored_after_the_block(ranks):
+    for r in ranks: assert r['fastai_fns_restored'] and r['model_unwrapped']
