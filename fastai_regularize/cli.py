@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_cli.ipynb #d7dd8b69
 from __future__ import annotations
-import sys, warnings
+import contextlib, sys, warnings
 from collections import Counter
 from pathlib import Path
 
@@ -145,7 +145,7 @@ def _save_reliability(learn, fn:str, seed:int):
     import matplotlib.pyplot as plt
     from fastai_regularize.activations import no_activation
     from fastai_regularize.calibration import cross_fit_temperature, plot_reliability
-    with learn.no_bar(): logits,targs = learn.get_preds(act=no_activation)
+    logits,targs = learn.get_preds(act=no_activation)
     probs,temps,_ = cross_fit_temperature(logits, targs, n_folds=2, seed=seed)
     fig,(a0,a1) = plt.subplots(1, 2, figsize=(11, 4.5))
     learn.show_reliability(calibrated=False, ax=a0, title='before: softmax')
@@ -197,10 +197,12 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
                **{k: v for k,v in ev.items() if k not in ('error_rate', 'tta_error_rate')}, seconds_per_epoch=learn.seconds_per_epoch)
     print(_table(res))
     if calibrate: print("(nll/ece_calibrated: out of sample, 2-fold cross-fit; *_in_sample: fitted and scored on the same items)")
-    if reliability is not None: _save_reliability(learn, reliability, seed)
+    quiet = contextlib.nullcontext if bars else learn.no_bar  # in a log, no bars from predicting either
+    if reliability is not None:
+        with quiet(): _save_reliability(learn, reliability, seed)
     for cb in [cb for cb in learn.cbs if type(cb).__name__ in ('MixUp', 'CutMix')]: learn.remove_cb(cb)  # training-only
     if test_files is not None:
-        labels = predict_files(learn, test_files, seed=seed)
+        with quiet(): labels = predict_files(learn, test_files, seed=seed)
         all_names = [f.name for f in Path(test_dir).rglob('*') if f.is_file()]
         readable = {f.name for f in test_files}
         write_submission([f.name for f in test_files], labels, submission, sample_submission,
