@@ -104,7 +104,8 @@ def fitted(paddy, env):
 
 def test_fit_submission(paddy, fitted):
     out = fitted.stdout + fitted.stderr
-    assert '\r' not in fitted.stdout and 'epoch 1/1  train_loss' in fitted.stdout  # a pipe: lines, not redrawn bars
+    assert not any(c in fitted.stdout for c in ('\r', '█', '|----'))  # a pipe: one line per epoch, no progress bars
+    assert 'epoch 1/1  train_loss' in fitted.stdout
     assert 'notes.png' in out and 'truncated.png' in out  # both corrupt files are reported
     for k in ('error_rate', 'tta_error_rate', 'valid_loss', 'nll', 'ece', 'nll_calibrated', 'ece_calibrated'):
         assert k in fitted.stdout
