@@ -78,7 +78,8 @@ bench: $(STAMP)
 
 quality: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
-	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/quality.py --subset 10000 --epochs 20 --seeds 3
+	$(BIN)/python benchmarks/quality.py --subset 10000 --epochs 5 --seeds 3
 
 clean:
 	rm -rf dist build *.egg-info

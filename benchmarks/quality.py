@@ -1,104 +1,84 @@
-"""Quality benchmark: the regularizers side by side on Fashion-MNIST (not a test; `make quality`).
+"""Quality benchmark: the regularizers side by side on Fashion-MNIST, several paired seeds (not a test; `make quality`).
 
 Fashion-MNIST comes from Debian's `dataset-fashion-mnist` package (IDX files under /usr/share/datasets/fashion-mnist),
-read by `fastai_regularize.data.fashion_mnist_dls` as uint8 tensors (no PIL per item). Every configuration trains the
-same model from the same seed for the same epochs and learning rate; the table reports error rate, TTA error rate,
-NLL and ECE (15 bins) of the 10,000 test images, and NLL/ECE after temperature scaling fitted on those same images
-(so the calibrated columns are optimistic: they show how much of the miscalibration is a temperature).
+read as uint8 tensors (no PIL per item). `--subset N` trains on the first N of the 60,000 training images; every run
+is evaluated on the full 10,000-image test set. The comparison is `fastai_regularize.experiment.run_experiment`: seed s
+gives every configuration the same data order and initial weights, each finished run is appended to `OUT/runs.csv`
+(its test-set logits to `OUT/preds/`), the same command resumes after an interruption, and `OUT/summary.md` holds the
+tables: mean ± std over seeds and the paired difference to the baseline with its 95% t-interval. Calibrated NLL/ECE
+are out of sample (2-fold cross-fitted temperature on the test set).
+
+    python benchmarks/quality.py --subset 10000 --epochs 20 --seeds 3     # -> benchmarks/results/fmnist-n10000-e20/
 """
-import argparse, json, math, os, platform, sys, time
-from datetime import datetime, timezone
+import argparse, sys, time, warnings
 from pathlib import Path
 
+# fastai's import of torch.jit.script warns on torch >= 2.10 (as in the CLI)
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 import torch
-from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (patches Learner)
 from fastai.learner import Learner
-from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import error_rate
-from fastai.torch_core import set_seed
 from fastai.vision.augment import aug_transforms
 from fastai.vision.models.xresnet import xresnet18
 
-from fastai_regularize.cli import CONFIGS, evaluate
-from fastai_regularize.data import fashion_mnist_dls, load_idx_pair, tensor_image_dls, FASHION_MNIST_CLASSES
-from fastai_regularize.losses import LabelSmoothingCrossEntropyFlat
-from fastai_regularize.mixup import MixUp, CutMix
+from fastai_regularize.data import FASHION_MNIST_CLASSES, DataError, load_idx_pair, tensor_image_dls
+from fastai_regularize.experiment import CONFIGS, SettingsMismatch, Task, get_configs, run_experiment
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_CONFIGS = 'baseline,label_smoothing,mixup,mixup+ls,cutmix,mixup-off'
 
-def cpu_name():
-    try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration): return platform.processor() or 'unknown CPU'
 
-def make_learner(dls, ls, mix, widen):
-    model = xresnet18(n_out=10, c_in=1, widen=widen)
-    cbs = [] if mix is None else [MixUp() if mix == 'mixup' else CutMix()]
-    learn = Learner(dls, model, loss_func=LabelSmoothingCrossEntropyFlat() if ls else CrossEntropyLossFlat(),
-                    metrics=error_rate, cbs=cbs)
-    return learn.to_fp16() if torch.cuda.is_available() else learn
+def _idx(path: Path, stem: str) -> Path:
+    for name in (stem + '.gz', stem):
+        if (path/name).is_file(): return path/name
+    raise DataError(f"{path} has no {stem}[.gz]; install Debian's dataset-fashion-mnist (make quality does)")
 
-def data(a, tfms):
-    "Fashion-MNIST DataLoaders; with `--subset N` only the first N training images"
-    if not a.subset: return fashion_mnist_dls(a.path, bs=a.bs, batch_tfms=tfms)
-    p = Path(a.path)
-    xt,yt = load_idx_pair(p/'train-images-idx3-ubyte.gz', p/'train-labels-idx1-ubyte.gz')
-    xv,yv = load_idx_pair(p/'t10k-images-idx3-ubyte.gz', p/'t10k-labels-idx1-ubyte.gz')
-    return tensor_image_dls(xt[:a.subset], yt[:a.subset], xv, yv, FASHION_MNIST_CLASSES, bs=a.bs, batch_tfms=tfms)
+
+def fashion_task(path: str, subset: int, bs: int, widen: float) -> Task:
+    "Fashion-MNIST (the first `subset` training images, all 10,000 test images), fastai's xresnet18 from scratch"
+    p = Path(path)
+    xt, yt = load_idx_pair(_idx(p, 'train-images-idx3-ubyte'), _idx(p, 'train-labels-idx1-ubyte'))
+    xv, yv = load_idx_pair(_idx(p, 't10k-images-idx3-ubyte'), _idx(p, 't10k-labels-idx1-ubyte'))
+    if subset: xt, yt = xt[:subset], yt[:subset]
+
+    def make_dls(seed):
+        tfms = aug_transforms(size=28, do_flip=True, max_rotate=0., max_zoom=1.1, max_lighting=0., max_warp=0.)
+        return tensor_image_dls(xt, yt, xv, yv, FASHION_MNIST_CLASSES, bs=bs, batch_tfms=tfms)
+
+    def make_learner(dls, loss_func, cbs):
+        learn = Learner(dls, xresnet18(n_out=10, c_in=1, widen=widen), loss_func=loss_func, metrics=error_rate, cbs=cbs)
+        return learn.to_fp16() if torch.cuda.is_available() else learn
+
+    return Task(make_dls, make_learner, dict(data='fashion-mnist', subset=subset or len(xt), test_images=len(xv),
+                                             model=f'xresnet18(widen={widen:g}, c_in=1)', bs=bs, augment='flip, zoom 1.1'))
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--path', default='/usr/share/datasets/fashion-mnist')
-    ap.add_argument('--epochs', type=int, default=4)
+    ap.add_argument('--subset', type=int, default=10000, help='train on the first N training images (0: all 60,000)')
+    ap.add_argument('--epochs', type=int, default=20)
+    ap.add_argument('--seeds', type=int, default=3, help='seeds --seed, --seed+1, ... per configuration')
+    ap.add_argument('--seed', type=int, default=42, help='first seed')
     ap.add_argument('--lr', type=float, default=3e-3)
     ap.add_argument('--bs', type=int, default=256)
     ap.add_argument('--widen', type=float, default=0.5, help="width of fastai's xresnet18 (0.5: half the channels)")
-    ap.add_argument('--seed', type=int, default=42)
-    ap.add_argument('--configs', default=','.join(CONFIGS))
-    ap.add_argument('--subset', type=int, default=0, help='train on the first N images only (a quick check)')
-    ap.add_argument('--out', default=str(HERE/'results'))
+    ap.add_argument('--configs', default=DEFAULT_CONFIGS, help=f"comma-separated, among: {', '.join(CONFIGS)}")
+    ap.add_argument('--out', default=None, help='default: benchmarks/results/fmnist-n{subset}-e{epochs}')
+    ap.add_argument('--fresh', action='store_true', help='delete the runs already in --out and start over')
     a = ap.parse_args(argv)
     if not Path(a.path).exists():
         sys.exit(f"quality.py: no Fashion-MNIST at {a.path}; install Debian's dataset-fashion-mnist (make quality does)")
-    torch.set_flush_denormal(True)
-    dev = 'cuda' if torch.cuda.is_available() else 'cpu'
-    tfms = aug_transforms(size=28, do_flip=True, max_rotate=0., max_zoom=1.1, max_lighting=0., max_warp=0.)
-    rows, losses, start = [], {}, time.time()
-    for name in a.configs.split(','):
-        ls, mix = CONFIGS[name]
-        print(f'== {name}', flush=True)
-        set_seed(a.seed, reproducible=True)
-        dls = data(a, tfms)
-        learn = make_learner(dls, ls, mix, a.widen)
-        t = time.time()
-        learn.fit_one_cycle(a.epochs, a.lr)
-        spe = (time.time() - t) / a.epochs
-        losses[name] = [float(l) for l in learn.recorder.losses]  # first: validate() restarts the Recorder
-        rows.append(dict(config=name, **evaluate(learn, calibrate=True, seed=a.seed), seconds_per_epoch=spe))
-        print(rows[-1], flush=True)
-    machine = dict(device=torch.cuda.get_device_name() if dev == 'cuda' else cpu_name(), cores=os.cpu_count(),
-                   torch=torch.__version__, date=datetime.now(timezone.utc).strftime('%Y-%m-%d'),
-                   minutes=round((time.time() - start) / 60, 1))
-    settings = dict(model=f'xresnet18(widen={a.widen}, c_in=1)', epochs=a.epochs, lr=a.lr, bs=a.bs, seed=a.seed,
-                    schedule='fit_one_cycle', augment='flip + zoom 1.1', fp16=dev == 'cuda', subset=a.subset or None)
-    cols = [('error_rate', 'error'), ('tta_error_rate', 'TTA error'), ('nll', 'NLL'), ('ece', 'ECE'),
-            ('temperature', 'T'), ('nll_calibrated', 'NLL cal.'), ('ece_calibrated', 'ECE cal.'), ('seconds_per_epoch', 's/epoch')]
-    md = ['| config | ' + ' | '.join(c for _, c in cols) + ' |', '|---|' + '---|' * len(cols)]
-    for r in rows:
-        md.append(f"| {r['config']} | " + ' | '.join(f"{r[k]:.1f}" if k == 'seconds_per_epoch' else
-                                                    f"{100*r[k]:.2f}%" if k in ('error_rate', 'tta_error_rate', 'ece', 'ece_calibrated') else
-                                                    f"{r[k]:.3f}" for k, _ in cols) + ' |')
-    best_err = min(rows, key=lambda r: r['error_rate'])['config']
-    best_ece = min(rows, key=lambda r: r['ece'])['config']
-    header = (f"Fashion-MNIST (60,000 train / 10,000 test), {settings['model']}, {a.epochs} epochs of fit_one_cycle at lr {a.lr}, "
-              f"bs {a.bs}, seed {a.seed}; {machine['device']}, {machine['cores']} cores, torch {machine['torch']}, "
-              f"{machine['date']}, {machine['minutes']} min in all. Lowest error: {best_err}; lowest ECE before calibration: {best_ece}.")
-    text = header + '\n\n' + '\n'.join(md) + '\n'
-    print(text)
-    if not a.subset:
-        out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-        tag = 'gpu' if dev == 'cuda' else 'cpu'
-        (out/f'quality-{tag}.md').write_text(text)
-        (out/f'quality-{tag}.json').write_text(json.dumps(dict(machine=machine, settings=settings, results=rows,
-                                                               train_losses=losses), indent=1))
+    if a.seeds < 1 or a.epochs < 1 or a.subset < 0: sys.exit("quality.py: --seeds and --epochs must be >= 1, --subset >= 0")
+    try: configs = get_configs(a.configs)
+    except ValueError as e: sys.exit(f"quality.py: {e}")
+    out = Path(a.out) if a.out else HERE/'results'/f"fmnist-n{a.subset or 60000}-e{a.epochs}"
+    task = fashion_task(a.path, a.subset, a.bs, a.widen)
+    start = time.perf_counter()
+    try: run_experiment(task, configs, list(range(a.seed, a.seed + a.seeds)), a.epochs, a.lr, out, fresh=a.fresh)
+    except SettingsMismatch as e: sys.exit(f"quality.py: {e}")
+    except KeyboardInterrupt as e: sys.exit(f"quality.py: {e or 'interrupted'}")
+    print(f"{(time.perf_counter() - start)/60:.1f} min in this call")
+
 
 if __name__ == '__main__': main()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_cli.ipynb #d7dd8b69
 from __future__ import annotations
-import argparse, inspect, json, math, sys, time, warnings
+import argparse, contextlib, inspect, sys, warnings
 from collections import Counter
 from pathlib import Path
 
@@ -18,8 +18,8 @@ from .core import check_number, check_int
 from .data import DataError, DataWarning, digits_folder, image_folder_dls, get_test_images
 
 # %% auto #0
-__all__ = ['PROG', 'MIXES', 'CONFIGS', 'COMMANDS', 'USAGE', 'UsageError', 'resolve_arch', 'train_learner', 'evaluate',
-           'predict_files', 'write_submission', 'fit', 'predict', 'compare', 'main']
+__all__ = ['PROG', 'COMMANDS', 'USAGE', 'UsageError', 'resolve_arch', 'image_task', 'predict_files', 'write_submission', 'fit',
+           'predict', 'compare', 'main']
 
 # %% ../nbs/06_cli.ipynb #bf65ba42
 if __name__ == '__main__' and getattr(__spec__, 'name', None) == 'fastai_regularize.cli':  # not in a notebook
@@ -60,75 +60,29 @@ def resolve_arch(name:str, # Model name: fastai, torchvision or timm
                      + (" nor a timm model (e.g. resnet10t)" if timm is not None else "; timm is not installed"))
 
 # %% ../nbs/06_cli.ipynb #b5bbfd87
-MIXES = ('mixup', 'cutmix')
-
-def _loss_func(ls:bool):
-    if not ls:
-        from fastai.losses import CrossEntropyLossFlat
-        return CrossEntropyLossFlat()
-    from fastai_regularize.losses import LabelSmoothingCrossEntropyFlat
-    return LabelSmoothingCrossEntropyFlat()
-
-def _mix_cbs(mix:str|None)->list:
-    if mix is None: return []
-    if mix not in MIXES: raise UsageError(f"`mix` must be one of {MIXES} or None, got {mix!r}")
-    from fastai_regularize.mixup import MixUp, CutMix
-    return [MixUp() if mix == 'mixup' else CutMix()]
-
-def train_learner(dls, # `DataLoaders`, e.g. from `image_folder_dls`
-                  arch='resnet18', # Model name (see `resolve_arch`) or model function
-                  epochs:int=4, # Epochs of `fit_one_cycle`
-                  lr:float=3e-3, # Maximum learning rate of `fit_one_cycle`
-                  ls:bool=True, # Label smoothing instead of plain cross-entropy
-                  mix:str|None='mixup', # 'mixup', 'cutmix' or None
-                  seed:int=42, # `set_seed(seed, reproducible=True)` before building the model
-                  show_progress:bool=True, # Show fastai's progress bars and epoch table
-                 ):
-    "A `vision_learner` (`pretrained=False`) trained with `fit_one_cycle`, label smoothing and MixUp/CutMix by flag"
-    from fastai.torch_core import set_seed
+def image_task(path:str|Path|None=None, # `<label>/` folders, or `train/` and `valid/` holding them; None: the digits
+               arch='resnet18', # Model name (see `resolve_arch`) or model function
+               size:int=32, # Image side in pixels
+               bs:int=64, # Batch size
+               split_seed:int=42, # Seed of the train/valid split of a folder without `train/` and `valid/`
+              ):
+    "A `Task` for `train_run`/`run_experiment`: `image_folder_dls` of `path`, a `vision_learner` of `arch` (`pretrained=False`)"
     from fastai.vision.learner import vision_learner
     from fastai.metrics import error_rate
-    import fastai.callback.schedule, fastai.callback.progress  # noqa: F401 (`Learner.fit_one_cycle`; progress bars)
-    import fastai_regularize.activations  # noqa: F401 (`tta(act=)` and `default_act`)
-    epochs,lr = _check_int('epochs', epochs),_check('lr', lr, lo=0, lo_open=True, hi=10)
-    if isinstance(arch, str): arch = resolve_arch(arch)
-    torch.set_flush_denormal(True)  # 3-4x faster CPU training measured here (denormals in late layers)
-    set_seed(seed, reproducible=True)
-    learn = vision_learner(dls, arch, pretrained=False, metrics=error_rate, loss_func=_loss_func(ls), cbs=_mix_cbs(mix))
-    if torch.cuda.is_available():
-        import fastai.callback.fp16  # noqa: F401 (`Learner.to_fp16`)
-        learn = learn.to_fp16()
-    start = time.perf_counter()
-    if show_progress: learn.fit_one_cycle(epochs, lr)
-    else:
-        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
-    learn.seconds_per_epoch = (time.perf_counter() - start) / epochs
-    return learn
-
-# %% ../nbs/06_cli.ipynb #5058cf59
-def _calibration():
-    try: import fastai_regularize.calibration  # noqa: F401 (patches `Learner.calibrate`)
-    except ImportError as e:
-        raise UsageError(f"calibration needs fastai_regularize.calibration, which this install lacks ({e})") from None
-
-def evaluate(learn, # A trained `Learner`
-             calibrate:bool=False, # Also fit and report temperature scaling (NLL, ECE before/after)
-             seed:int=42, # Seed of the TTA augmentations
-            )->dict:
-    "Error rate, TTA error rate and validation loss of `learn`; NLL/ECE before and after calibration if asked"
-    from fastai.torch_core import set_seed
-    from fastai.metrics import error_rate
-    if calibrate: _calibration()
-    probs,targs = learn.get_preds(dl=learn.dls.valid)
-    set_seed(seed, reproducible=True)
-    tta_probs,_ = learn.tta(dl=learn.dls.valid)
-    res = dict(error_rate=float(error_rate(probs, targs)), tta_error_rate=float(error_rate(tta_probs, targs)),
-               valid_loss=float(learn.validate()[0]))
-    if calibrate:
-        c = learn.calibrate()
-        res.update(nll=c.nll_before, ece=c.ece_before, temperature=c.temperature,
-                   nll_calibrated=c.nll_after, ece_calibrated=c.ece_after)
-    return res
+    from fastai_regularize.experiment import Task
+    name = arch if isinstance(arch, str) else getattr(arch, '__name__', repr(arch))
+    arch_fn = resolve_arch(arch) if isinstance(arch, str) else arch
+    bs,size,split_seed = _check_int('bs', bs),_check_int('size', size),_check_int('seed', split_seed, 0)
+    data = digits_folder() if path is None else Path(path)
+    def make_dls(seed:int): return image_folder_dls(data, bs=bs, size=size, seed=split_seed)
+    def make_learner(dls, loss_func, cbs:list):
+        learn = vision_learner(dls, arch_fn, pretrained=False, metrics=error_rate, loss_func=loss_func, cbs=cbs)
+        if torch.cuda.is_available():
+            import fastai.callback.fp16  # noqa: F401 (`Learner.to_fp16`)
+            learn = learn.to_fp16()
+        return learn
+    where = 'digits' if path is None else str(data.resolve())
+    return Task(make_dls, make_learner, dict(data=where, arch=name, size=size, bs=bs, split_seed=split_seed))
 
 # %% ../nbs/06_cli.ipynb #a8b105f7
 def predict_files(learn, # A trained or loaded `Learner`
@@ -185,21 +139,30 @@ def _majority_label(dls)->str:
     from fastai.data.transforms import parent_label
     return Counter(parent_label(f) for f in dls.train_ds.items).most_common(1)[0][0]
 
-def _data(path, bs, size, seed):
-    path = digits_folder() if path is None else Path(path)
-    return image_folder_dls(path, bs=_check_int('bs', bs), size=_check_int('size', size), seed=seed)
-
-def _save_reliability(learn, fn:str):
-    "Reliability diagrams of the validation set before (plain softmax) and after calibration, side by side"
+def _save_reliability(learn, fn:str, seed:int):
+    "Reliability diagrams of the validation set: plain softmax, and calibrated out of sample (2-fold cross-fit), side by side"
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from fastai_regularize.activations import no_activation
+    from fastai_regularize.calibration import cross_fit_temperature, plot_reliability
+    logits,targs = learn.get_preds(act=no_activation)
+    probs,temps,_ = cross_fit_temperature(logits, targs, n_folds=2, seed=seed)
     fig,(a0,a1) = plt.subplots(1, 2, figsize=(11, 4.5))
     learn.show_reliability(calibrated=False, ax=a0, title='before: softmax')
-    learn.show_reliability(calibrated=True, ax=a1, title=f'after: base {learn.default_act.base:.3f} (T = {learn.default_act.temperature:.2f})')
+    plot_reliability(probs, targs, ax=a1, title=f"after: T = {', '.join(f'{t:.2f}' for t in temps.tolist())} (each half by the other's)")
     Path(fn).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout(); fig.savefig(fn, dpi=100); plt.close(fig)
     print(f"wrote {fn}")
+
+def _fit_config(ls:bool, mix:str|None):
+    "The registered configuration `fit`'s flags name (CutMix with label smoothing is not registered: built here)"
+    from fastai_regularize.experiment import CONFIGS, Config
+    from fastai_regularize.losses import LabelSmoothingCrossEntropyFlat
+    from fastai_regularize.mixup import CutMix
+    name = {(False, None): 'baseline', (True, None): 'label_smoothing', (False, 'mixup'): 'mixup',
+            (True, 'mixup'): 'mixup+ls', (False, 'cutmix'): 'cutmix'}.get((ls, mix))
+    return CONFIGS[name] if name else Config('cutmix+ls', LabelSmoothingCrossEntropyFlat, (CutMix,))
 
 def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ holding them (default: the digits)
         arch:str='resnet18', # Model: torchvision/fastai name (resnet18, resnet34) or timm name (resnet10t)
@@ -210,7 +173,7 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
         no_mixup:store_true=False, # Train without MixUp
         no_ls:store_true=False, # Plain cross-entropy instead of label smoothing
         cutmix:store_true=False, # CutMix instead of MixUp
-        calibrate:store_true=False, # Fit a softmax temperature on the validation set; report NLL and ECE before/after
+        calibrate:store_true=False, # Fit a softmax temperature on the validation set; report NLL and ECE before/after (out of sample)
         reliability:str=None, # With --calibrate: save reliability diagrams before/after calibration to this PNG
         test_dir:str=None, # Folder of test images to predict with TTA
         sample_submission:str=None, # Kaggle sample_submission.csv whose label column to fill (needs --test-dir)
@@ -219,26 +182,31 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
         seed:int=42, # Random seed (split, initialisation, order, TTA)
        ):
     "Train a vision_learner with label smoothing and MixUp/CutMix, report error/TTA error/loss, write a submission"
+    from fastai_regularize.experiment import train_run, evaluate, show_bars
     if sample_submission is not None and test_dir is None: raise UsageError("--sample-submission needs --test-dir")
     if reliability is not None and not calibrate: raise UsageError("--reliability needs --calibrate")
-    arch_fn = resolve_arch(arch)
-    epochs,lr = _check_int('epochs', epochs),_check('lr', lr, lo=0, lo_open=True, hi=10)
-    if calibrate: _calibration()
+    resolve_arch(arch)
+    epochs,lr,seed = _check_int('epochs', epochs),_check('lr', lr, lo=0, lo_open=True, hi=10),_check_int('seed', seed, 0)
     test_files = get_test_images(test_dir) if test_dir is not None else None
-    dls = _data(path, bs, size, seed)
-    mix = None if no_mixup and not cutmix else 'cutmix' if cutmix else 'mixup'
-    learn = train_learner(dls, arch_fn, epochs, lr, ls=not no_ls, mix=mix, seed=seed)
-    res = evaluate(learn, calibrate=calibrate, seed=seed)
-    res['seconds_per_epoch'] = learn.seconds_per_epoch
+    task = image_task(path, arch, size, bs, split_seed=seed)
+    config = _fit_config(not no_ls, None if no_mixup and not cutmix else 'cutmix' if cutmix else 'mixup')
+    bars = show_bars()
+    learn = train_run(task, config, seed, epochs, lr, bars=bars)
+    ev = evaluate(learn, seed=seed, calibrate=calibrate, bars=bars)
+    res = dict(error_rate=ev['error_rate'], tta_error_rate=ev['tta_error_rate'], valid_loss=learn.epoch_values['valid_loss'][-1],
+               **{k: v for k,v in ev.items() if k not in ('error_rate', 'tta_error_rate')}, seconds_per_epoch=learn.seconds_per_epoch)
     print(_table(res))
-    if reliability is not None: _save_reliability(learn, reliability)
+    if calibrate: print("(nll/ece_calibrated: out of sample, 2-fold cross-fit; *_in_sample: fitted and scored on the same items)")
+    quiet = contextlib.nullcontext if bars else learn.no_bar  # in a log, no bars from predicting either
+    if reliability is not None:
+        with quiet(): _save_reliability(learn, reliability, seed)
     for cb in [cb for cb in learn.cbs if type(cb).__name__ in ('MixUp', 'CutMix')]: learn.remove_cb(cb)  # training-only
     if test_files is not None:
-        labels = predict_files(learn, test_files, seed=seed)
+        with quiet(): labels = predict_files(learn, test_files, seed=seed)
         all_names = [f.name for f in Path(test_dir).rglob('*') if f.is_file()]
         readable = {f.name for f in test_files}
         write_submission([f.name for f in test_files], labels, submission, sample_submission,
-                         fill_label=_majority_label(dls), unreadable=[n for n in all_names if n not in readable])
+                         fill_label=_majority_label(learn.dls), unreadable=[n for n in all_names if n not in readable])
         print(f"wrote {len(labels)} predictions to {submission}")
     if export is not None:
         Path(export).parent.mkdir(parents=True, exist_ok=True)
@@ -264,56 +232,28 @@ def predict(model:str, # Learner saved by `fit --export` (learn.export)
     print(f"wrote {len(labels)} predictions to {out}")
 
 # %% ../nbs/06_cli.ipynb #0f9a33e8
-CONFIGS = {'baseline': (False, None), 'label_smoothing': (True, None), 'mixup': (False, 'mixup'),
-           'mixup+ls': (True, 'mixup'), 'cutmix': (False, 'cutmix')}
-
-def _plot(rows:list, losses:dict, fn:Path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig,(a0,a1) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names,x = [r['config'] for r in rows],range(len(rows))
-    for j,(k,lbl) in enumerate((('error_rate', 'error rate'), ('tta_error_rate', 'TTA error rate'), ('ece', 'ECE'),
-                                ('ece_calibrated', 'ECE after calibration'))):
-        a0.bar([i + (j-1.5)*0.2 for i in x], [r.get(k, math.nan) for r in rows], 0.2, label=lbl)
-    a0.set_xticks(list(x)); a0.set_xticklabels(names, rotation=20); a0.legend(); a0.set_title('validation set')
-    for n,l in losses.items(): a1.plot(l, label=n, alpha=0.8)
-    a1.set_xlabel('batch'); a1.set_ylabel('training loss (smoothed)'); a1.legend(); a1.set_title('training loss')
-    fig.tight_layout(); fig.savefig(fn, dpi=100); plt.close(fig)
-
 def compare(path:str=None, # Image folder as for fit (default: the digits)
             arch:str='resnet18', # Model name
             epochs:int=4, # Epochs of fit_one_cycle
             lr:float=3e-3, # Maximum learning rate of fit_one_cycle
             bs:int=64, # Batch size
-            size:int=32, # Image side in pixels
-            out:str='out/compare', # Folder for compare.csv, compare.json and compare.png
-            seed:int=42, # Random seed, the same for every configuration
+            size:int=24, # Image side in pixels
+            seeds:int=3, # Seeds per configuration: --seed, --seed+1, ...
+            seed:int=42, # First seed; also the seed of the train/valid split
+            configs:str='baseline,label_smoothing,mixup,mixup+ls,cutmix', # Comma-separated names registered in fastai_regularize.experiment.CONFIGS
+            out:str='out/compare', # Folder for runs.csv, summary.csv/.json/.md, compare.png and preds/
+            fresh:store_true=False, # Delete the runs already in --out and start over (default: resume)
            ):
-    "Train baseline / label smoothing / MixUp / MixUp+LS / CutMix alike; table, CSV, JSON and figure of error, NLL, ECE"
-    import pandas as pd
-    arch_fn = resolve_arch(arch)
+    "Train each configuration with --seeds paired seeds, resuming from --out; mean ± std and paired differences with 95% CIs"
+    from fastai_regularize.experiment import get_configs, run_experiment, SettingsMismatch
+    resolve_arch(arch)
     epochs,lr = _check_int('epochs', epochs),_check('lr', lr, lo=0, lo_open=True, hi=10)
-    try: _calibration(); calib = True
-    except UsageError as e: calib = False; warnings.warn(f"{e}: NLL/ECE columns left empty", DataWarning)
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    rows,losses = [],{}
-    for name,(ls,mix) in CONFIGS.items():
-        print(f"== {name}", flush=True)
-        dls = _data(path, bs, size, seed)  # rebuilt: every configuration sees the same batches
-        learn = train_learner(dls, arch_fn, epochs, lr, ls=ls, mix=mix, seed=seed)
-        losses[name] = [float(l) for l in learn.recorder.losses]  # first: validate() restarts the Recorder
-        rows.append(dict(config=name, **evaluate(learn, calibrate=calib, seed=seed),
-                         seconds_per_epoch=learn.seconds_per_epoch))
-    df = pd.DataFrame(rows)
-    print(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    df.to_csv(out/'compare.csv', index=False)
-    meta = dict(arch=arch, epochs=epochs, lr=lr, bs=bs, size=size, seed=seed,
-                data=str(digits_folder() if path is None else path), torch=torch.__version__)
-    (out/'compare.json').write_text(json.dumps(dict(settings=meta, results=rows, train_losses=losses), indent=1))
-    _plot(rows, losses, out/'compare.png')
-    print(f"wrote {out/'compare.csv'}, {out/'compare.json'}, {out/'compare.png'}")
-    return df
+    seeds,seed = _check_int('seeds', seeds),_check_int('seed', seed, 0)
+    try: cfgs = get_configs(configs)
+    except ValueError as e: raise UsageError(str(e)) from None
+    task = image_task(path, arch, size, bs, split_seed=seed)
+    try: return run_experiment(task, cfgs, list(range(seed, seed + seeds)), epochs, lr, out, fresh=fresh)
+    except SettingsMismatch as e: raise UsageError(str(e)) from None
 
 # %% ../nbs/06_cli.ipynb #232fa4ef
 COMMANDS = {'fit': (fit, ['path']), 'compare': (compare, ['path']), 'predict': (predict, ['model', 'dir'])}
@@ -359,6 +299,9 @@ def main(argv:list|None=None, # Arguments after the program name; None: `sys.arg
         args.pop('pdb', None); args.pop('xtra', None)
         func(**args)
     except (UsageError, DataError) as e: return _fail(f"{name}: {e}")
+    except KeyboardInterrupt as e:  # `compare` says what is safe on disk and how to resume
+        print(f"{PROG}: {name}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
     except SystemExit as e: return e.code if isinstance(e.code, int) else 0  # --help
     finally: warnings.showwarning = show
     return 0

@@ -295,7 +295,8 @@ def image_folder_dls(path:str|Path, # `<label>/` folders, or `train/` and `valid
     if not path.exists(): raise DataError(f"path {path} does not exist")
     if not path.is_dir(): raise DataError(f"path {path} is not a folder")
     split_folders = (path/'train').is_dir() and (path/'valid').is_dir()
-    files = get_image_files(path, folders=['train', 'valid'] if split_folders else None)
+    # sorted: os.walk lists files in the file system's order, so the split and the batches would differ between machines
+    files = get_image_files(path, folders=['train', 'valid'] if split_folders else None).sorted()
     if not files: raise DataError(f"path {path} has no image files")
     good,bad = _readable(files)
     _warn_skipped(bad, path)
