@@ -6,14 +6,15 @@
 __all__ = []
 
 # %% ../nbs/07_all.ipynb #f51c7c87
-from . import core, activations, native, losses, mixup, calibration, data
+from . import core, activations, native, losses, mixup, calibration_metrics, calibration, data
 from .core import *
 from .activations import *
 from .native import *
 from .losses import *
 from .mixup import *
+from .calibration_metrics import *
 from .calibration import *
 from .data import *
 
 # %% ../nbs/07_all.ipynb #8d436a28
-__all__ = [n for m in (core, activations, native, losses, mixup, calibration, data) for n in m.__all__]
+__all__ = [n for m in (core, activations, native, losses, mixup, calibration_metrics, calibration, data) for n in m.__all__]

@@ -193,11 +193,12 @@ def test_export_keeps_calibration(tmp_path):
     torch.testing.assert_close(loaded.get_preds(dl=dl)[0], learn.get_preds(dl=dl)[0])
     torch.testing.assert_close(loaded.get_preds(dl=dl)[0], softmax_base(learn.get_preds(dl=dl, act=no_activation)[0], res.base))
 
-def test_calibrate_refuses_multilabel_targets():
+def test_calibrate_refuses_multi_hot_targets_for_a_softmax_loss():
+    "A softmax loss with multi-hot targets is neither a single-label nor a sigmoid model: a clear error, nothing installed"
     g = torch.Generator().manual_seed(2)
     xs,ys = torch.randn(64, 4, generator=g),(torch.rand(64, 3, generator=g) > 0.5).float()
     dls = Datasets(range(64), [[xs.__getitem__], [ys.__getitem__]], splits=[range(48), range(48, 64)]).dataloaders(bs=16)
-    learn = Learner(dls, nn.Linear(4, 3), loss_func=BCEWithLogitsLossFlat())
+    learn = Learner(dls, nn.Linear(4, 3), loss_func=CrossEntropyLossFlat())
     with pytest.raises(ValueError, match='single-label'): learn.calibrate()
     assert not hasattr(learn, 'default_act')
 
