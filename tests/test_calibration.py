@@ -477,3 +477,14 @@ def test_export_load_in_a_fresh_process_keeps_every_scaler(tmp_path):
     for k,(kind,preds) in ref.items():
         assert got[k][0] == kind
         torch.testing.assert_close(got[k][1][0], preds)
+
+def test_a_separable_held_out_set_warns():
+    "Every item right with a margin: vector scaling's NLL keeps falling as its parameters grow; the user is told"
+    z,_,_ = _truth(300, 3, seed=6)
+    y = z.argmax(1)
+    z = z + 3*F.one_hot(y, 3)                                      # a clear margin: separable by a larger scale
+    with pytest.warns(UserWarning, match='nearly\\) separable'): fit_scaler(z, y, 'vector')
+    z2,y2,_ = _truth(3000, 3, seed=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                             # an ordinary set fits without a word
+        fit_scaler(3*z2, y2, 'vector'); fit_scaler(3*z2, y2, 'matrix'); fit_scaler(3*z2, y2, 'dirichlet')
