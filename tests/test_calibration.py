@@ -488,3 +488,19 @@ def test_a_separable_held_out_set_warns():
     with warnings.catch_warnings():
         warnings.simplefilter('error')                             # an ordinary set fits without a word
         fit_scaler(3*z2, y2, 'vector'); fit_scaler(3*z2, y2, 'matrix'); fit_scaler(3*z2, y2, 'dirichlet')
+
+def test_dirichlet_minimises_the_odir_objective():
+    "At a fixed strength, our Newton fit reaches the minimum of ODIR's objective as written in Kull et al., found by L-BFGS"
+    z,y,g = _truth(1000, 4, seed=11)
+    zd = _distortions(4, g)['dirichlet'](z)
+    lp,C,lam = F.log_softmax(zd, -1),4,1.
+    off = 1 - torch.eye(C, dtype=torch.float64)
+    objective = lambda W, b: (F.cross_entropy(lp @ W.T + b, y) + lam/(C*(C - 1))*((W*off)**2).sum() + lam/C*(b**2).sum())
+    W,b = torch.eye(C, dtype=torch.float64, requires_grad=True),torch.zeros(C, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=2000, tolerance_grad=1e-11, tolerance_change=1e-15, line_search_fn='strong_wolfe')
+    def closure():
+        opt.zero_grad(); l = objective(W, b); l.backward(); return l
+    opt.step(closure)
+    m = fit_scaler(zd, y, 'dirichlet', reg=lam)
+    assert objective(m.weight, m.bias).item() == pytest.approx(objective(W, b).item(), abs=1e-9)
+    torch.testing.assert_close(m.weight, W.detach(), atol=1e-4, rtol=0)

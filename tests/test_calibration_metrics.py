@@ -117,6 +117,15 @@ def test_classwise_and_brier_by_hand():
     assert brier_score(P6, Y6) == pytest.approx(sum(rows)/6, abs=1e-12)
     assert brier_score(P6, F.one_hot(Y6, 4)) == pytest.approx(sum(rows)/6, abs=1e-12)
 
+def test_bins_are_closed_on_the_right():
+    "Probabilities exactly on inner edges (multiples of 1/4) belong to the bin below, as the loop reference says"
+    p = torch.tensor([[.5, .25, .25], [.25, .75, 0.], [.5, .5, 0.], [1., 0., 0.], [.25, .25, .5], [.75, .25, 0.]], dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0, 2, 1])
+    for n_bins in (2, 4):
+        assert calibration_error(p, y, n_bins, classwise=True) == pytest.approx(_classwise_reference(p, y, n_bins), abs=1e-12)
+        assert calibration_error(p, y, n_bins) == pytest.approx(_classwise_reference(p.max(1, keepdim=True).values,
+                                                                torch.zeros(6, dtype=torch.long) - (p.argmax(1) != y).long(), n_bins), abs=1e-12)
+
 def test_l2_and_mce_by_hand():
     assert calibration_error(P6, Y6, 3, norm='max') == pytest.approx(.3)
     assert calibration_error(P6, Y6, 3, norm='l2') == pytest.approx(math.sqrt((.3**2 + 2*.05**2 + 3*(.8 - 2/3)**2)/6))
