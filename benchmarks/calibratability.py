@@ -96,10 +96,21 @@ def markdown(summary:list, methods:list, meta:dict)->str:
              f"every number is out of sample; ECEs with {meta['n_bins']} bins. Percentages for the ECEs and the error, "
              f"mean ± std over seeds; Δ is the paired difference to `{meta['baseline']}` (same seed, same method) with its "
              f"95% t-interval over seeds. Predictions from `{meta['preds']}`; {meta['machine']}, {meta['date']}.", '']
+    lines += ['## Methods × metrics, per config', '']
+    for c in configs:
+        lines += [f"### {c}", '', '| method | ' + ' | '.join(lbl for _,lbl in METRICS) + ' |', '|---|' + '---|'*len(METRICS)]
+        for m in methods:
+            cells = []
+            for k,_ in METRICS:
+                s_ = get.get((c, m, k))
+                cells.append('–' if s_ is None else f"{fmt(k, s_['mean'])} ± {fmt(k, s_['std'])}".replace(' ± –', ''))
+            lines.append(f"| {m} | " + ' | '.join(cells) + ' |')
+        lines.append('')
+    lines += ['## Each metric, configs × methods', '']
     head = '| config | ' + ' | '.join(methods) + ' |'
     rule = '|---|' + '---|'*len(methods)
     for k,lbl in METRICS:
-        lines += [f"## {lbl}", '', head, rule]
+        lines += [f"### {lbl}", '', head, rule]
         for c in configs:
             cells = []
             for m in methods:

@@ -504,3 +504,34 @@ def test_dirichlet_minimises_the_odir_objective():
     m = fit_scaler(zd, y, 'dirichlet', reg=lam)
     assert objective(m.weight, m.bias).item() == pytest.approx(objective(W, b).item(), abs=1e-9)
     torch.testing.assert_close(m.weight, W.detach(), atol=1e-4, rtol=0)
+
+def test_calibratability_script(tmp_path):
+    "The benchmark reads saved predictions, scores every method out of sample, and pairs each config with the baseline"
+    import importlib.util, csv
+    spec = importlib.util.spec_from_file_location('calibratability', ROOT/'benchmarks'/'calibratability.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    (tmp_path/'preds').mkdir()
+    z,y,_ = _truth(300, 3, seed=0)
+    for seed in range(3):
+        noise = 0.3*torch.randn(300, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        for config,scale in (('baseline', 2.), ('mixup', 0.5)):
+            torch.save({'logits': (scale*z + noise).float(), 'targs': y}, tmp_path/'preds'/f'{config}__s{seed}.pt')
+    mod.main([str(tmp_path/'preds'), '--name', 't', '--methods', 'temperature', '--out', str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path/'calibratability-t.csv')))
+    assert len(rows) == 2*3*2 and {r['method'] for r in rows} == {'before', 'temperature'}
+    r0 = next(r for r in rows if (r['config'], r['seed'], r['method']) == ('mixup', '1', 'temperature'))
+    d = torch.load(tmp_path/'preds'/'mixup__s1.pt')
+    p = cross_fit_scaler(d['logits'], d['targs'], 'temperature')[0]
+    assert float(r0['nll']) == pytest.approx(F.nll_loss(p.log(), d['targs']).item(), rel=1e-5)
+    assert float(r0['ece']) == pytest.approx(calibration_error(p, d['targs']), rel=1e-5)
+    summ = {(s['config'], s['method'], s['metric']): s for s in csv.DictReader(open(tmp_path/'calibratability-t-summary.csv'))}
+    get = lambda c, s, k: float(next(r[k] for r in rows if (r['config'], r['seed'], r['method']) == (c, str(s), 'before')))
+    diffs = [get('mixup', s, 'nll') - get('baseline', s, 'nll') for s in range(3)]
+    m = sum(diffs)/3
+    h = 4.302653*math.sqrt(sum((x - m)**2 for x in diffs)/2)/math.sqrt(3)   # t(0.975, 2 d.f.)
+    s = summ[('mixup', 'before', 'nll')]
+    assert float(s['diff']) == pytest.approx(m, rel=1e-6) and float(s['diff_hi']) - float(s['diff']) == pytest.approx(h, rel=1e-5)
+    assert '## Methods × metrics' in (tmp_path/'calibratability-t.md').read_text()
+    n = len(rows)   # a second run resumes: nothing is scored again
+    mod.main([str(tmp_path/'preds'), '--name', 't', '--methods', 'temperature', '--out', str(tmp_path)])
+    assert len(list(csv.DictReader(open(tmp_path/'calibratability-t.csv')))) == n
