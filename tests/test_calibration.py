@@ -193,11 +193,12 @@ def test_export_keeps_calibration(tmp_path):
     torch.testing.assert_close(loaded.get_preds(dl=dl)[0], learn.get_preds(dl=dl)[0])
     torch.testing.assert_close(loaded.get_preds(dl=dl)[0], softmax_base(learn.get_preds(dl=dl, act=no_activation)[0], res.base))
 
-def test_calibrate_refuses_multilabel_targets():
+def test_calibrate_refuses_multi_hot_targets_for_a_softmax_loss():
+    "A softmax loss with multi-hot targets is neither a single-label nor a sigmoid model: a clear error, nothing installed"
     g = torch.Generator().manual_seed(2)
     xs,ys = torch.randn(64, 4, generator=g),(torch.rand(64, 3, generator=g) > 0.5).float()
     dls = Datasets(range(64), [[xs.__getitem__], [ys.__getitem__]], splits=[range(48), range(48, 64)]).dataloaders(bs=16)
-    learn = Learner(dls, nn.Linear(4, 3), loss_func=BCEWithLogitsLossFlat())
+    learn = Learner(dls, nn.Linear(4, 3), loss_func=nn.CrossEntropyLoss())   # takes soft targets
     with pytest.raises(ValueError, match='single-label'): learn.calibrate()
     assert not hasattr(learn, 'default_act')
 
@@ -245,3 +246,292 @@ def test_cross_fit_temperature_bad_arguments():
     with pytest.raises(ValueError, match='`n_folds` must be an int >= 2'): cross_fit_temperature(z, y, n_folds=1)
     with pytest.raises(TypeError, match='`seed` must be an int'): cross_fit_temperature(z, y, seed=0.5)
     with pytest.raises(ValueError, match='`logits` must be 2-D'): cross_fit_temperature(z[0], y)
+
+
+# ====================================================================== scalers (issue 12)
+import subprocess, sys, os, textwrap
+from pathlib import Path
+from hypothesis import given, settings, strategies as st
+from fastai_regularize.calibration import (fit_scaler, cross_fit_scaler, VectorScaling, MatrixScaling, DirichletCalibration,
+                                           SigmoidScaling, SCALERS, SIGMOID_SCALERS, DIRICHLET_REGS)
+from fastai_regularize.calibration_metrics import calibration_error, brier_score
+from fastai_regularize.losses import LabelSmoothingBCEWithLogitsLossFlat
+
+torch.set_num_threads(1)  # small tensors on a shared 2-core machine: more threads only add contention
+ROOT = Path(__file__).resolve().parents[1]
+
+def _truth(n, c, seed):
+    "Logits `z` in float64 and targets drawn from `softmax(z)`"
+    g = torch.Generator().manual_seed(seed)
+    z = 2*torch.randn(n, c, generator=g, dtype=torch.float64)
+    return z,torch.multinomial(F.softmax(z, -1), 1, generator=g)[:, 0],g
+
+def _distortions(c, g):
+    "Miscalibration each method can represent (and the simpler ones cannot)"
+    s,b = torch.linspace(0.5, 3, c, dtype=torch.float64),torch.linspace(-1, 1, c, dtype=torch.float64)
+    R = 0.4*torch.randn(c, c, generator=g, dtype=torch.float64)
+    A = torch.eye(c, dtype=torch.float64) + R
+    A0 = torch.eye(c, dtype=torch.float64) + R - R.mean(1, keepdim=True)   # rows summing to 1: W log q undoes it exactly
+    return {'temperature': lambda z: 3*z,
+            'vector': lambda z: z*s + b,
+            'matrix': lambda z: z @ A.T + b,
+            'dirichlet': lambda z: F.log_softmax(z, -1) @ A0.T + b}
+
+@pytest.mark.parametrize('method', SCALERS)
+def test_each_scaler_lowers_held_out_nll_on_what_it_can_represent(method):
+    "Fitted on one half, scored on the other: the map gets close to the true logits' NLL, and beats the simpler maps"
+    z,y,g = _truth(8000, 4, seed=SCALERS.index(method))
+    zd = _distortions(4, g)[method](z)
+    fit,test = slice(0, 4000),slice(4000, None)
+    m = fit_scaler(zd[fit], y[fit], method)
+    nll = lambda p: F.nll_loss(p.clamp_min(1e-300).log(), y[test]).item()
+    before,after,truth = F.cross_entropy(zd[test], y[test]).item(),nll(m(zd[test])),F.cross_entropy(z[test], y[test]).item()
+    assert after < before - 0.02 and after < truth + 0.01, (before, after, truth)
+    simpler = SCALERS[:SCALERS.index(method)]
+    if method == 'dirichlet': simpler = ('temperature', 'vector')   # matrix scaling is as rich, on other features
+    for s in simpler: assert after < nll(fit_scaler(zd[fit], y[fit], s)(zd[test])) - 0.005, s
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(2, 300), c=st.integers(2, 8), scale=st.floats(0.05, 20.))
+def test_temperature_keeps_the_argmax(seed, n, c, scale):
+    g = torch.Generator().manual_seed(seed)
+    z,y = scale*torch.randn(n, c, generator=g),torch.randint(0, c, (n,), generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        act = fit_scaler(z, y)
+        probs,_,_ = cross_fit_scaler(z, y, n_folds=2)
+    assert isinstance(act, BaseSoftmax)
+    assert torch.equal(act(z).argmax(1), z.argmax(1)) and torch.equal(probs.argmax(1), z.argmax(1))
+
+def _linear_learner(scales=None, bias=None, n_valid=3000, seed=1, loss_func=None, multilabel=False, n_out=3):
+    "A linear model whose logits are the true ones times `scales` plus `bias`; targets drawn from the truth"
+    g = torch.Generator().manual_seed(seed)
+    W = 1.5*torch.randn(4, n_out, generator=g)
+    n = 400 + n_valid
+    xs = torch.randn(n, 4, generator=g)
+    ys = (torch.bernoulli(torch.sigmoid(xs@W), generator=g) if multilabel
+          else torch.multinomial(F.softmax(xs@W, -1), 1, generator=g)[:,0])
+    dls = Datasets(range(n), [[xs.__getitem__], [ys.__getitem__]], splits=[range(400), range(400, n)]).dataloaders(bs=1000)
+    model = nn.Linear(4, n_out)
+    with torch.no_grad():
+        model.weight.copy_((W*(1 if scales is None else torch.tensor(scales))).T)
+        model.bias.copy_(torch.zeros(n_out) if bias is None else torch.tensor(bias))
+    lf = loss_func or (BCEWithLogitsLossFlat() if multilabel else CrossEntropyLossFlat())
+    return Learner(dls, model, loss_func=lf, metrics=[ECE(classwise=multilabel)])
+
+@pytest.mark.parametrize('scales,bias', [(3., None), ([0.5, 1., 3.], [1., 0., -1.])], ids=['temperature-like', 'vector-like'])
+def test_auto_picks_the_lowest_cross_fitted_nll(scales, bias):
+    learn = _linear_learner(scales, bias, n_valid=2000)
+    logits,targs = learn.get_preds(act=no_activation)
+    ref = {m: F.nll_loss(cross_fit_scaler(logits, targs, m, n_folds=3, seed=5)[0].log(), targs).item() for m in SCALERS}
+    res = learn.calibrate('auto', n_folds=3, seed=5)
+    assert res.method == min(ref, key=ref.get)
+    assert res.cv_nll == pytest.approx(ref, abs=1e-9)
+    assert type(learn.default_act) is {'temperature': BaseSoftmax, 'vector': VectorScaling, 'matrix': MatrixScaling,
+                                       'dirichlet': DirichletCalibration}[res.method]
+    if bias is not None: assert res.method != 'temperature'
+    # the out-of-sample numbers of 'auto' choose the method inside each fold: not the winner's own cross-fitted NLL
+    assert res.nll_after_cv >= min(ref.values()) - 0.01 and res.nll_after_cv < res.nll_before
+
+@pytest.mark.parametrize('method', ['vector', 'matrix', 'dirichlet'])
+def test_calibrate_installs_each_scaler(method):
+    learn = _linear_learner([0.5, 1., 3.], [1., 0., -1.], n_valid=1500)
+    logits,targs = learn.get_preds(act=no_activation)
+    res = learn.calibrate(method)
+    act = learn.default_act
+    assert res.method == method and res.act is act and math.isnan(res.base) and math.isnan(res.temperature)
+    torch.testing.assert_close(learn.get_preds()[0], act(logits))
+    p = act(logits.double())
+    assert res.nll_after == pytest.approx(F.nll_loss(p.log(), targs).item(), rel=1e-6)
+    assert res.ece_after == pytest.approx(calibration_error(p, targs), abs=1e-6)
+    assert res.brier_after == pytest.approx(brier_score(p, targs), abs=1e-6)
+    assert res.error_after == pytest.approx((p.argmax(1) != targs).double().mean().item())
+    assert res.error_before == pytest.approx((logits.argmax(1) != targs).double().mean().item())
+    assert res.nll_after < res.nll_before and res.nll_after_cv < res.nll_before
+    assert learn.validate()[1] == pytest.approx(res.ece_after, abs=1e-5)     # the ECE metric follows the module
+    assert (res.reg in DIRICHLET_REGS) if method == 'dirichlet' else res.reg is None
+    assert f"method={method!r}" in repr(res)
+    # the out-of-sample numbers are those of cross_fit_scaler with the same folds
+    p_cv = cross_fit_scaler(logits, targs, method)[0]
+    assert res.nll_after_cv == pytest.approx(F.nll_loss(p_cv.log(), targs).item(), rel=1e-9)
+    learn.reset_calibration()
+    torch.testing.assert_close(learn.get_preds()[0], F.softmax(logits, -1))
+
+def test_dirichlet_reg_is_the_cross_fitted_best_of_the_grid():
+    z,y,g = _truth(1500, 4, seed=9)
+    zd = _distortions(4, g)['dirichlet'](z)
+    from fastai_regularize.calibration import _folds, _fit_dirichlet_at
+    fold = _folds(y, 2, 0)
+    nll = {}
+    for r in DIRICHLET_REGS:                                     # cold starts: the warm-started search must agree
+        tot = 0.
+        for k in range(2):
+            m = _fit_dirichlet_at(zd[fold != k], y[fold != k], r)
+            tot += F.cross_entropy(m.calibrated_logits(zd[fold == k]), y[fold == k], reduction='sum').item()
+        nll[r] = tot
+    assert fit_scaler(zd, y, 'dirichlet').reg == min(nll, key=nll.get)
+    assert fit_scaler(zd, y, 'dirichlet', reg=0.5).reg == 0.5
+
+@pytest.mark.parametrize('lf', [BCEWithLogitsLossFlat, LabelSmoothingBCEWithLogitsLossFlat], ids=['BCE', 'LS-BCE'])
+def test_multilabel_temperatures_recovered(lf):
+    "Per-label logits off by temperatures 0.5, 2 and 4: found within 5%, installed as calibrated sigmoids"
+    T = [0.5, 2., 4.]
+    learn = _linear_learner(T, multilabel=True, n_valid=40000, loss_func=lf())
+    thresh = learn.loss_func.thresh
+    logits,targs = learn.get_preds(act=no_activation)
+    res = learn.calibrate()
+    assert res.multilabel and res.method == 'temperature' and isinstance(learn.default_act, SigmoidScaling)
+    assert (res.temperatures/torch.tensor(T, dtype=torch.float64) - 1).abs().max() < 0.05, res.temperatures
+    probs,_,dec = learn.get_preds(with_decoded=True)
+    torch.testing.assert_close(probs, torch.sigmoid(logits/res.temperatures.float()))
+    assert learn.loss_func.thresh == thresh and torch.equal(dec, probs > thresh)   # decodes: same threshold
+    assert torch.equal(dec, torch.sigmoid(logits) > thresh)                      # a temperature moves no decision
+    assert res.ece_after < res.ece_before and res.brier_after < res.brier_before and res.nll_after < res.nll_before
+    assert res.ece_before == pytest.approx(calibration_error(torch.sigmoid(logits), targs, classwise=True), abs=1e-6)
+    assert res.error_after == res.error_before
+    assert learn.validate()[1] == pytest.approx(res.ece_after, abs=1e-5)
+
+def test_multilabel_platt_recovers_scale_and_bias():
+    learn = _linear_learner([0.5, 2., 1.], [1., -1., 0.5], multilabel=True, n_valid=20000)
+    res = learn.calibrate('platt')
+    act = learn.default_act
+    # calibrated logits a*z + b equal the truth: a = 1/scale, b = -bias/scale
+    torch.testing.assert_close(act.weight, torch.tensor([2., 0.5, 1.], dtype=torch.float64), rtol=0.06, atol=0.)
+    torch.testing.assert_close(act.bias, torch.tensor([-2., 0.5, -0.5], dtype=torch.float64), rtol=0., atol=0.12)
+    assert res.method == 'platt' and res.nll_after < res.nll_before and res.error_after <= res.error_before
+    auto = learn.calibrate('auto')
+    assert auto.method == 'platt' and set(auto.cv_nll) == set(SIGMOID_SCALERS)
+
+def test_binary_classifier_with_one_sigmoid_output():
+    learn = _linear_learner([3.], multilabel=True, n_out=1, n_valid=5000)
+    res = learn.calibrate()
+    assert res.temperatures.shape == (1,) and res.temperatures[0] == pytest.approx(3., rel=0.1)
+    assert learn.get_preds()[0].shape == learn.get_preds(act=no_activation)[0].shape
+
+def test_scalers_refuse_probabilities_and_unfit_targets():
+    z,y,_ = _truth(100, 3, seed=0)
+    for m in SCALERS + ('auto',):
+        with pytest.raises(ValueError, match='look like probabilities'): fit_scaler(F.softmax(z, -1), y, m)
+    with pytest.raises(ValueError, match='look like probabilities'): cross_fit_scaler(F.softmax(z, -1), y, 'vector')
+    with pytest.raises(ValueError, match='look like probabilities'): fit_temperature(F.softmax(z, -1), y)
+    with pytest.raises(ValueError, match='sigmoid probabilities'): fit_scaler(torch.sigmoid(z), (z > 0).float(), multilabel=True)
+    with pytest.raises(ValueError, match='class indices in \\[0, 3\\)'): fit_scaler(z, y + 3, 'vector')
+    with pytest.raises(ValueError, match='must be integer class indices'): fit_scaler(z, F.one_hot(y).float(), 'matrix')
+    with pytest.raises(ValueError, match="`method` must be one of \\('temperature', 'platt', 'auto'\\)"):
+        fit_scaler(z, (z > 0).float(), 'vector', multilabel=True)
+    with pytest.raises(ValueError, match='`reg` must be'): fit_scaler(z, y, 'dirichlet', reg=-1.)
+    # a model whose outputs are already probabilities: calibrate says so and installs nothing
+    learn = _linear_learner(n_valid=200)
+    learn.model = nn.Sequential(learn.model, nn.Softmax(-1))
+    with pytest.raises(ValueError, match='look like probabilities'): learn.calibrate('vector')
+    assert not hasattr(learn, 'default_act')
+
+def test_calibrate_bad_arguments():
+    learn = _linear_learner(n_valid=200)
+    with pytest.raises(TypeError, match='pass a DataLoader as `dl=`'): learn.calibrate(learn.dls.valid)
+    with pytest.raises(ValueError, match="got 'platt'"): learn.calibrate('platt')
+    with pytest.raises(ValueError, match='`n_folds` must be an int >= 2'): learn.calibrate('auto', n_folds=1)
+
+def test_scalers_with_a_single_class_present():
+    "Every held-out item of one class: the maps drive that class up, stay finite and keep it the prediction"
+    z,_,_ = _truth(200, 3, seed=4)
+    y = torch.zeros(200, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for m in SCALERS:
+            p = fit_scaler(z, y, m)(z)
+            assert torch.isfinite(p).all() and (p.argmax(1) == 0).float().mean() >= (z.argmax(1) == 0).float().mean(), m
+
+_CHILD = textwrap.dedent('''
+    import sys, torch
+    from pathlib import Path
+    from fastai.learner import load_learner
+    import fastai_regularize.all  # noqa: F401
+    out = Path(sys.argv[1])
+    res = {}
+    for f in sorted(out.glob('*.pkl')):
+        learn = load_learner(f)
+        res[f.stem] = (type(learn.default_act).__name__, learn.get_preds(dl=learn.dls.test_dl(torch.load(out/'x.pt'))))
+    torch.save(res, out/'child.pt')
+''')
+
+def test_export_load_in_a_fresh_process_keeps_every_scaler(tmp_path):
+    xs = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    torch.save(xs, tmp_path/'x.pt')
+    ref = {}
+    for name,method,ml in (('vector', 'vector', False), ('matrix', 'matrix', False), ('dirichlet', 'dirichlet', False),
+                           ('temperature', 'temperature', False), ('sigmoid', 'platt', True)):
+        learn = _linear_learner([0.5, 1., 3.], [1., 0., -1.], n_valid=600, multilabel=ml)
+        learn.calibrate(method)
+        learn.path = tmp_path
+        learn.export(f'{name}.pkl')
+        ref[name] = (type(learn.default_act).__name__, learn.get_preds(dl=learn.dls.test_dl(xs))[0])
+        plain = learn.get_preds(dl=learn.dls.test_dl(xs), act=learn.loss_func.activation)[0]
+        assert not torch.allclose(ref[name][1], plain, atol=1e-3)   # so a lost calibration would show
+    (tmp_path/'child.py').write_text(_CHILD)
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]), 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, str(tmp_path/'child.py'), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = torch.load(tmp_path/'child.pt', weights_only=False)
+    assert set(got) == set(ref)
+    for k,(kind,preds) in ref.items():
+        assert got[k][0] == kind
+        torch.testing.assert_close(got[k][1][0], preds)
+
+def test_a_separable_held_out_set_warns():
+    "Every item right with a margin: vector scaling's NLL keeps falling as its parameters grow; the user is told"
+    z,_,_ = _truth(300, 3, seed=6)
+    y = z.argmax(1)
+    z = z + 3*F.one_hot(y, 3)                                      # a clear margin: separable by a larger scale
+    with pytest.warns(UserWarning, match='nearly\\) separable'): fit_scaler(z, y, 'vector')
+    z2,y2,_ = _truth(3000, 3, seed=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                             # an ordinary set fits without a word
+        fit_scaler(3*z2, y2, 'vector'); fit_scaler(3*z2, y2, 'matrix'); fit_scaler(3*z2, y2, 'dirichlet')
+
+def test_dirichlet_minimises_the_odir_objective():
+    "At a fixed strength, our Newton fit reaches the minimum of ODIR's objective as written in Kull et al., found by L-BFGS"
+    z,y,g = _truth(1000, 4, seed=11)
+    zd = _distortions(4, g)['dirichlet'](z)
+    lp,C,lam = F.log_softmax(zd, -1),4,1.
+    off = 1 - torch.eye(C, dtype=torch.float64)
+    objective = lambda W, b: (F.cross_entropy(lp @ W.T + b, y) + lam/(C*(C - 1))*((W*off)**2).sum() + lam/C*(b**2).sum())
+    W,b = torch.eye(C, dtype=torch.float64, requires_grad=True),torch.zeros(C, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=2000, tolerance_grad=1e-11, tolerance_change=1e-15, line_search_fn='strong_wolfe')
+    def closure():
+        opt.zero_grad(); l = objective(W, b); l.backward(); return l
+    opt.step(closure)
+    m = fit_scaler(zd, y, 'dirichlet', reg=lam)
+    assert objective(m.weight, m.bias).item() == pytest.approx(objective(W, b).item(), abs=1e-9)
+    torch.testing.assert_close(m.weight, W.detach(), atol=1e-4, rtol=0)
+
+def test_calibratability_script(tmp_path):
+    "The benchmark reads saved predictions, scores every method out of sample, and pairs each config with the baseline"
+    import importlib.util, csv
+    spec = importlib.util.spec_from_file_location('calibratability', ROOT/'benchmarks'/'calibratability.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    (tmp_path/'preds').mkdir()
+    z,y,_ = _truth(300, 3, seed=0)
+    for seed in range(3):
+        noise = 0.3*torch.randn(300, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        for config,scale in (('baseline', 2.), ('mixup', 0.5)):
+            torch.save({'logits': (scale*z + noise).float(), 'targs': y}, tmp_path/'preds'/f'{config}__s{seed}.pt')
+    mod.main([str(tmp_path/'preds'), '--name', 't', '--methods', 'temperature', '--out', str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path/'calibratability-t.csv')))
+    assert len(rows) == 2*3*2 and {r['method'] for r in rows} == {'before', 'temperature'}
+    r0 = next(r for r in rows if (r['config'], r['seed'], r['method']) == ('mixup', '1', 'temperature'))
+    d = torch.load(tmp_path/'preds'/'mixup__s1.pt')
+    p = cross_fit_scaler(d['logits'], d['targs'], 'temperature')[0]
+    assert float(r0['nll']) == pytest.approx(F.nll_loss(p.log(), d['targs']).item(), rel=1e-5)
+    assert float(r0['ece']) == pytest.approx(calibration_error(p, d['targs']), rel=1e-5)
+    summ = {(s['config'], s['method'], s['metric']): s for s in csv.DictReader(open(tmp_path/'calibratability-t-summary.csv'))}
+    get = lambda c, s, k: float(next(r[k] for r in rows if (r['config'], r['seed'], r['method']) == (c, str(s), 'before')))
+    diffs = [get('mixup', s, 'nll') - get('baseline', s, 'nll') for s in range(3)]
+    m = sum(diffs)/3
+    h = 4.302653*math.sqrt(sum((x - m)**2 for x in diffs)/2)/math.sqrt(3)   # t(0.975, 2 d.f.)
+    s = summ[('mixup', 'before', 'nll')]
+    assert float(s['diff']) == pytest.approx(m, rel=1e-6) and float(s['diff_hi']) - float(s['diff']) == pytest.approx(h, rel=1e-5)
+    assert '## Methods × metrics' in (tmp_path/'calibratability-t.md').read_text()
+    n = len(rows)   # a second run resumes: nothing is scored again
+    mod.main([str(tmp_path/'preds'), '--name', 't', '--methods', 'temperature', '--out', str(tmp_path)])
+    assert len(list(csv.DictReader(open(tmp_path/'calibratability-t.csv')))) == n
