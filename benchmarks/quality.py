@@ -25,7 +25,7 @@ from fastai_regularize.data import FASHION_MNIST_CLASSES, DataError, load_idx_pa
 from fastai_regularize.experiment import CONFIGS, SettingsMismatch, Task, get_configs, run_experiment
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_CONFIGS = 'baseline,label_smoothing,mixup,mixup+ls,cutmix,mixup-off'
+DEFAULT_CONFIGS = 'baseline,label_smoothing,mixup,mixup+ls,cutmix,mixup-off,mixup-dominant,manifold,regmixup'
 
 
 def _idx(path: Path, stem: str) -> Path:

@@ -24,7 +24,8 @@ import fastai.callback.progress  # noqa: F401 (`Learner.no_bar`)
 from .core import check_int, check_number
 from .activations import no_activation
 from .losses import LabelSmoothingCrossEntropyFlat
-from .mixup import MixUp, CutMix
+from .mixup import MixUp, CutMix, RegMixUp
+from .manifold import ManifoldMixUp
 from .calibration import expected_calibration_error  # noqa: F401 (patches `Learner.calibrate`)
 
 # %% auto #0
@@ -79,6 +80,9 @@ register_config('mixup', cbs=MixUp)
 register_config('mixup+ls', LabelSmoothingCrossEntropyFlat, MixUp)
 register_config('cutmix', cbs=CutMix)
 register_config('mixup-off', cbs=partial(MixUp, off_pct=0.25))
+register_config('mixup-dominant', cbs=partial(MixUp, label='dominant'))
+register_config('manifold', cbs=ManifoldMixUp)
+register_config('regmixup', cbs=RegMixUp)
 
 def get_configs(names:str|list, # Registered names, as a list or comma-separated
                )->list:
