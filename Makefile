@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip.conf on these machines names local indexes that may be absent; drop that noise, keep real errors.
 QUIET := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: demo test test-oldest fuzz native-check check export wheel dist docs docs-check bench quality clean
+.PHONY: demo test test-oldest fuzz native-check check export wheel dist docs docs-check bench quality tabular clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -80,6 +80,10 @@ quality: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 	$(BIN)/python benchmarks/quality.py --subset 10000 --epochs 20 --seeds 3
 	$(BIN)/python benchmarks/quality.py --subset 10000 --epochs 5 --seeds 3
+
+# Manifold MixUp on a tabular model: the digits as a table through tabular_learner, 5 paired seeds
+tabular: $(STAMP)
+	$(BIN)/python benchmarks/tabular.py
 
 clean:
 	rm -rf dist build *.egg-info

@@ -467,6 +467,12 @@ def _scores(zc:Tensor, y:Tensor, multilabel:bool, n_bins:int, thresh:float)->tup
     else: t,yi,err = F.one_hot(y, p.shape[1]).double(),y,(zc.argmax(1) != y).double().mean().item()
     return (_nll_of(zc, y, multilabel),_ce(p, t, yi, n_bins, classwise=multilabel),((p - t)**2).sum(1).mean().item(),err)
 
+def _held_out(learn:Learner, dl, multilabel:bool)->tuple:
+    "Logits and targets of `dl` (the validation set if None); single-label targets as (N,) (tabular gives (N, 1))"
+    logits,targs = learn.get_preds(dl=dl, act=no_activation)  # explicit act: an installed default_act must not apply
+    if not multilabel and targs.ndim == 2 and targs.shape[1] == 1: targs = targs[:, 0]
+    return logits,targs
+
 @patch
 def calibrate(self:Learner,
               method:str='temperature', # 'temperature', 'vector', 'matrix', 'dirichlet' or 'auto' (lowest cross-fitted NLL); sigmoid losses: 'temperature', 'platt' or 'auto'
@@ -482,7 +488,7 @@ def calibrate(self:Learner,
     n_bins,n_folds,seed = _check_n_bins(n_bins),check_int('n_folds', n_folds, 2),check_int('seed', seed, 0)
     if dl is None and (len(self.dls.loaders) < 2 or len(self.dls.valid_ds) == 0):
         raise ValueError("`dl` is None and the learner has no validation set to calibrate on; pass a held-out `dl`")
-    logits,targs = self.get_preds(dl=dl, act=no_activation)  # explicit act: an installed default_act must not apply
+    logits,targs = _held_out(self, dl, multilabel)
     z,y = _check_logits(logits, targs, multilabel)
     chosen,cv_nll = _select(z, y, multilabel, reg, n_folds, seed) if method == 'auto' else (method, None)
     f,act = _fit_one(chosen, z, y, multilabel, reg, n_folds, seed)
@@ -519,9 +525,9 @@ def show_reliability(self:Learner,
                      hist:bool=True, # Draw the items per bin under the diagram
                     )->Figure:
     "Reliability diagram of `get_preds` on `dl` (the validation set if None), calibrated or not"
-    logits,targs = self.get_preds(dl=dl, act=no_activation)
-    act = getattr(self, 'default_act', None) if calibrated else None
     sigmoid = _is_sigmoid_loss(self.loss_func)
+    logits,targs = _held_out(self, dl, sigmoid)
+    act = getattr(self, 'default_act', None) if calibrated else None
     if act is not None: probs = act(logits)
     else: probs = torch.sigmoid(logits.float()) if sigmoid else F.softmax(logits.float(), dim=-1)
     if title is None: title = (('sigmoid' if sigmoid else 'softmax') if act is None else f"base {act.base:.4g}"

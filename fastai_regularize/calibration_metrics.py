@@ -254,7 +254,9 @@ class CalibrationMetric(AccumMetric):
 
     def accumulate(self, learn):
         "Store the targets and the probabilities of `learn.pred`"
-        self.accum_values(_learner_probs(learn, learn.pred), learn.y, learn)
+        y = learn.y
+        if y.ndim == 2 and y.shape[1] == 1 and not y.is_floating_point(): y = y[:, 0]  # tabular: (N, 1) class indices
+        self.accum_values(_learner_probs(learn, learn.pred), y, learn)
 
 class ECE(CalibrationMetric):
     "Binned calibration error of the learner's probabilities (its `default_act` once calibrated), as `calibration_error`"

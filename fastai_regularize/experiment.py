@@ -170,6 +170,7 @@ def _evaluate(learn:Learner, seed:int=42, tta:bool=True, calibrate:bool=True, n_
         with learn.no_bar(): return _evaluate(learn, seed, tta, calibrate, n_folds, bars=True)
     logits,targs = learn.get_preds(dl=learn.dls.valid, act=no_activation)
     logits,targs = logits.float().as_subclass(torch.Tensor),targs.long().as_subclass(torch.Tensor)
+    if targs.ndim == 2 and targs.shape[1] == 1: targs = targs[:, 0]  # tabular DataLoaders give (N, 1) class indices
     res = dict(error_rate=(logits.argmax(1) != targs).float().mean().item())
     if tta:
         set_seed(seed, reproducible=True)

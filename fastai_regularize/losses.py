@@ -103,6 +103,13 @@ def _check_targets(y:Tensor, C:int, ignore_index:int, name:str='target')->bool:
                          f"(and not ignore_index={ignore_index})")
     return False
 
+def _flat_targets(pred:Tensor, t, dim:int):
+    "Class indices `t` shaped as `pred` without its class `dim` when they hold that many items: fastai's `BaseLoss` flattens targets (`targ.view(-1)`), so (n, 1) tabular targets work there, and here too"
+    if not isinstance(pred, Tensor) or pred.ndim < 2 or not isinstance(t, Tensor) or t.is_floating_point(): return t
+    d = dim % pred.ndim
+    shp = pred.shape[:d] + pred.shape[d+1:]
+    return t.reshape(shp) if t.shape != shp and t.numel() == shp.numel() else t
+
 def _flatten_ce(input:Tensor, target:Tensor, dim:int=1)->tuple:
     "(z, y, shape): logits as (M, C) with the class `dim` last, targets as (M,), and the per-item loss shape"
     if not isinstance(input, Tensor): raise TypeError(f"`input` must be a Tensor of logits, got {type(input).__name__}")
@@ -211,7 +218,7 @@ class LabelSmoothingCrossEntropyFlat(BaseLoss):
     def __call__(self, inp:Tensor, targ:Tensor, **kwargs)->Tensor:
         "Loss of `inp` against `targ` with classes on `self.axis`; per-element losses are flattened"
         f = self.func
-        z, y, _ = _flatten_ce(inp, targ, self.axis)
+        z, y, _ = _flatten_ce(inp, _flat_targets(inp, targ, self.axis), self.axis)
         return label_smoothing_cross_entropy(z, y, f.eps, f.weight, f.reduction, f.ignore_index)
     def activation(self, x:Tensor)->Tensor:
         "Softmax over `axis`"
@@ -277,11 +284,7 @@ def mixed_loss(loss_func, # The user's loss: called as `loss_func(pred, *yb)`
     n = lam.shape[0]
     spec = _ce_spec(loss_func) if len(yb1) == 1 else None
     if spec is not None and not yb1[0].is_floating_point():
-        if spec.get('flatten') and isinstance(pred, Tensor) and pred.ndim >= 2:
-            # fastai's `BaseLoss` flattens the targets (`targ.view(-1)`): (n, 1) tabular targets are fine there, so here too
-            d = spec['dim'] % pred.ndim
-            shp = pred.shape[:d] + pred.shape[d+1:]
-            yb1,yb2 = [tuple(t.reshape(shp) if isinstance(t, Tensor) and t.numel() == shp.numel() else t for t in yb) for yb in (yb1, yb2)]
+        if spec.get('flatten'): yb1,yb2 = [tuple(_flat_targets(pred, t, spec['dim']) for t in yb) for yb in (yb1, yb2)]
         z, y1, shape = _flatten_ce(pred, yb1[0], spec['dim'])
         t2 = yb2[0]
         if not isinstance(t2, Tensor) or t2.shape != yb1[0].shape or t2.is_floating_point():

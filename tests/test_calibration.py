@@ -535,3 +535,27 @@ def test_calibratability_script(tmp_path):
     n = len(rows)   # a second run resumes: nothing is scored again
     mod.main([str(tmp_path/'preds'), '--name', 't', '--methods', 'temperature', '--out', str(tmp_path)])
     assert len(list(csv.DictReader(open(tmp_path/'calibratability-t.csv')))) == n
+
+
+@pytest.mark.slow
+def test_tabular_learner_targets_of_shape_n_by_1():
+    "fastai's tabular DataLoaders give (N, 1) class indices: calibrate, show_reliability and the metrics take them"
+    from fastai.tabular.learner import tabular_learner
+    from fastai_regularize.calibration_metrics import Brier, ECE as ECEMetric
+    from fastai_regularize.data import digits_tabular_dls
+    torch.manual_seed(0)
+    dls = digits_tabular_dls(bs=128)
+    learn = tabular_learner(dls, layers=[32], metrics=[ECEMetric(), Brier()])
+    learn.fit(1, 1e-2)
+    logits, targs = learn.get_preds(act=no_activation)
+    assert targs.shape == (len(dls.valid_ds), 1)
+    y = targs[:, 0].long()
+    res = learn.calibrate()
+    assert res.temperature == pytest.approx(fit_temperature(logits, y), rel=1e-9)
+    assert res.nll_before == pytest.approx(F.cross_entropy(logits.double(), y).item(), rel=1e-9)
+    ece, brier = learn.validate()[1:]
+    probs = softmax_base(logits, res.base)
+    assert ece == pytest.approx(expected_calibration_error(probs, y), abs=1e-6)
+    assert brier == pytest.approx(((probs.double() - F.one_hot(y, 10))**2).sum(1).mean().item(), abs=1e-6)
+    assert isinstance(learn.show_reliability(), Figure)
+    plt.close('all')

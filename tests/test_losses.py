@@ -285,3 +285,15 @@ def test_gradient_penalty_equals_pytorch(backend):
         gx, = torch.autograd.grad(l, x, create_graph=True)
         return torch.autograd.grad(l + 0.5 * (gx**2).sum(), x)[0]
     assert torch.allclose(step(LabelSmoothingCrossEntropy(0.1)), step(lambda x, y: F.cross_entropy(x, y, label_smoothing=0.1)), atol=1e-12)
+
+
+@pytest.mark.parametrize('dtype', [torch.int64, torch.int8])
+def test_flat_takes_tabular_n_by_1_targets(dtype, backend):
+    "fastai's tabular DataLoaders give (N, 1) class indices; `CrossEntropyLossFlat` flattens them, and so must we"
+    from fastai.losses import CrossEntropyLossFlat
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (6, 1), generator=g).to(dtype)
+    ref = F.cross_entropy(x, y.view(-1).long(), label_smoothing=0.1)
+    torch.testing.assert_close(LabelSmoothingCrossEntropyFlat(eps=0.1)(x, y), ref)
+    torch.testing.assert_close(CrossEntropyLossFlat(label_smoothing=0.1)(x, y).double(), ref, rtol=1e-6, atol=1e-6)  # fastai: float32
+    with pytest.raises(ValueError, match='does not match logits'): LabelSmoothingCrossEntropyFlat()(x, y[:5])
