@@ -244,14 +244,16 @@ def summarize(runs, # `runs.csv` as a DataFrame: a `config` and a `seed` column,
 # %% ../nbs/05a_experiment.ipynb #6c921068
 @contextmanager
 def _sigint_held():
-    "Within the block, Ctrl-C waits: a SIGINT that arrives is raised as KeyboardInterrupt when the block ends"
+    "Within the block, Ctrl-C waits: a SIGINT that arrives goes to the previous handler when the block ends (Python's raises KeyboardInterrupt)"
     if threading.current_thread() is not threading.main_thread(): yield; return
     got = []
     old = signal.signal(signal.SIGINT, lambda *a: got.append(a))
     try: yield
     finally:
         signal.signal(signal.SIGINT, old)
-        if got: raise KeyboardInterrupt
+        if got and old is not signal.SIG_IGN:           # a process started with SIGINT ignored (`cmd &`) keeps ignoring it
+            if callable(old): old(*got[0])
+            else: raise KeyboardInterrupt
 
 def _atomic_save(obj, fn:Path):
     tmp = fn.with_name(f".{fn.name}.{os.getpid()}.tmp")

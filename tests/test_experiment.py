@@ -134,7 +134,7 @@ def test_other_settings_are_a_one_line_error(resumed, change, name):
     assert len(read_runs(resumed['out']/'runs.csv')) == 4  # untouched
 
 
-def test_sigint_while_a_row_is_written_waits_for_the_whole_row(tmp_path, monkeypatch):
+def test_sigint_while_a_row_is_written_waits_for_the_whole_row(tmp_path, monkeypatch, request):
     "A real SIGINT, delivered right after runs.csv is opened: the row is still written whole, then Ctrl-C is raised"
     real_open = open
     def open_then_sigint(*a, **k):
@@ -142,6 +142,8 @@ def test_sigint_while_a_row_is_written_waits_for_the_whole_row(tmp_path, monkeyp
         os.kill(os.getpid(), signal.SIGINT)
         return f
     monkeypatch.setattr(experiment, 'open', open_then_sigint, raising=False)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's, whatever this test process inherited
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
     fn = tmp_path/'runs.csv'
     with pytest.raises(KeyboardInterrupt): _append_row(fn, ['config', 'seed', 'error_rate'], dict(config='mixup', seed=1, error_rate=0.25))
     assert fn.read_text() == 'config,seed,error_rate\nmixup,1,0.25\n'
@@ -152,3 +154,7 @@ def test_sigint_while_a_row_is_written_waits_for_the_whole_row(tmp_path, monkeyp
             ran.append('after the signal')
     assert ran == ['after the signal']
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # a process that ignores SIGINT (started in the background with `&`) writes its row and goes on
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _append_row(fn, ['config', 'seed', 'error_rate'], dict(config='mixup', seed=2, error_rate=0.5))
+    assert fn.read_text().endswith('mixup,1,0.25\nmixup,2,0.5\n') and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
