@@ -62,10 +62,10 @@ def _newton_beta(grad_hess, # `grad_hess(beta) -> (NLL', NLL'')` of a convex NLL
         warnings.warn(f"{what}The NLL rises with the inverse temperature even at {lo:g}: the logits predict the targets no "
                       f"better than chance; returning temperature {1/lo:g}")
         return lo
-    if grad_hess(hi)[0] <= 0:
-        warnings.warn(f"{what}The NLL still falls at inverse temperature {hi:g} (is every held-out item classified right?); "
-                      f"returning temperature {1/hi:g}")
-        return hi
+    if grad_hess(hi)[0] <= 0:  # no item says how wrong the model is when it is wrong: the minimum is at T -> 0
+        warnings.warn(f"{what}The NLL still falls at inverse temperature {hi:g}: every held-out item is classified right, "
+                      f"so the data cannot say how confident to be; leaving the temperature at 1")
+        return 1.
     b = 1.
     for _ in range(max_iter):
         g,h = grad_hess(b)
@@ -358,6 +358,7 @@ def _nll_of(zc:Tensor, y:Tensor, multilabel:bool)->float:
     return (F.binary_cross_entropy_with_logits(zc, y) if multilabel else F.cross_entropy(zc, y)).item()
 
 _DIVERGED = 100.  # a fitted scale or bias this large: the NLL kept falling because the items are (nearly) separable
+# (the fit stops on a small gradient, so a map that gets every item right is reported too: its NLL has no minimum)
 
 def _fit_one(method:str, z:Tensor, y:Tensor, multilabel:bool, reg, n_folds:int, seed:int)->tuple:
     "(calibrated-logits function, act) of `method` (not 'auto') fitted on checked (`z`, `y`)"
@@ -367,7 +368,9 @@ def _fit_one(method:str, z:Tensor, y:Tensor, multilabel:bool, reg, n_folds:int, 
         return (lambda x: beta*x),BaseSoftmax(math.exp(beta))
     elif method == 'dirichlet': m = _fit_dirichlet(z, y, reg, n_folds, seed)
     else: m = (_fit_vector if method == 'vector' else _fit_matrix)(z, y)
-    if method != 'temperature' and max(m.weight.abs().max().item(), m.bias.abs().max().item()) > _DIVERGED:
+    runaway = max(m.weight.abs().max().item(), m.bias.abs().max().item()) > _DIVERGED
+    all_right = not multilabel and bool((m.calibrated_logits(z).argmax(1) == y).all())  # no minimum: scaling up lowers the NLL
+    if method != 'temperature' and (runaway or all_right):
         warnings.warn(f"{method} scaling fitted parameters beyond {_DIVERGED:g} in absolute value: the held-out items are "
                       f"(nearly) separable by this map, so its probabilities will be over-confident on new data. Check the "
                       f"out-of-sample NLL (`nll_after_cv`, `cross_fit_scaler`), or use 'temperature', 'dirichlet' or 'auto'")

@@ -108,8 +108,22 @@ def test_fit_temperature_bracket_ends_warn():
     logits = torch.tensor([[5., 0.], [0., 5.]])
     with pytest.warns(UserWarning, match='still falls'): T_sep = fit_temperature(logits, torch.tensor([0, 1]))
     with pytest.warns(UserWarning, match='no better than chance'): T_bad = fit_temperature(logits, torch.tensor([1, 0]))
-    assert T_sep < 0.01 and T_bad > 100
-    assert math.isfinite(math.exp(1/T_sep)) and math.isfinite(BaseSoftmax.from_temperature(T_sep).base)
+    assert T_sep == 1. and T_bad > 100    # separable: no minimum, the temperature is left alone
+    assert math.isfinite(BaseSoftmax.from_temperature(T_bad).base)
+
+def test_separable_folds_do_not_blow_up_the_out_of_sample_nll():
+    "A fold whose complement is all right must not get T -> 0: its own errors would cost an unbounded NLL"
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 4
+    z = F.one_hot(y, 4).double()*6 + 0.3*torch.randn(40, 4, generator=g, dtype=torch.float64)
+    z[0] = torch.tensor([0., 6., 0., 0.], dtype=torch.float64)        # the one error, confidently wrong
+    with pytest.warns(UserWarning, match='every held-out item is classified right'):
+        probs, temps, fold = cross_fit_temperature(z, y, n_folds=2, seed=0)
+    k = fold[0].item()
+    assert temps[k].item() == 1.                                      # fitted without the error (on the other fold): left at 1
+    nll_cv = F.nll_loss(probs.log(), y).item()
+    # T -> 0 on that fold would cost the error about 500 * 6 / 40 = 75 nats of mean NLL; left at 1, it stays small
+    assert nll_cv < 2*F.cross_entropy(z, y).item() < 0.5
 
 BAD = [
     (lambda: expected_calibration_error(PROBS, TARGS, n_bins=0), ValueError, '`n_bins` must be an int >= 1, got 0'),
