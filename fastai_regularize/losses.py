@@ -104,11 +104,16 @@ def _check_targets(y:Tensor, C:int, ignore_index:int, name:str='target')->bool:
     return False
 
 def _flat_targets(pred:Tensor, t, dim:int):
-    "Class indices `t` shaped as `pred` without its class `dim` when they hold that many items: fastai's `BaseLoss` flattens targets (`targ.view(-1)`), so (n, 1) tabular targets work there, and here too"
+    "Class indices `t` shaped as `pred` without its class `dim` when they differ from that shape only by dims of size one"
+    # fastai's tabular DataLoaders give (n, 1) class indices, and `CrossEntropyLossFlat` flattens them (`targ.view(-1)`).
+    # Dropping dims of size one cannot reorder items, so that much is taken; a (2, 2) target for 4 items could mean
+    # another order, so it stays an error, as in `LabelSmoothingCrossEntropy`.
     if not isinstance(pred, Tensor) or pred.ndim < 2 or not isinstance(t, Tensor) or t.is_floating_point(): return t
     d = dim % pred.ndim
     shp = pred.shape[:d] + pred.shape[d+1:]
-    return t.reshape(shp) if t.shape != shp and t.numel() == shp.numel() else t
+    if t.shape == shp or t.numel() != shp.numel(): return t
+    same = [s for s in t.shape if s != 1] == [s for s in shp if s != 1]
+    return t.reshape(shp) if same else t
 
 def _flatten_ce(input:Tensor, target:Tensor, dim:int=1)->tuple:
     "(z, y, shape): logits as (M, C) with the class `dim` last, targets as (M,), and the per-item loss shape"

@@ -151,7 +151,19 @@ def test_ignore_index_is_not_out_of_range():
 def test_target_shape_mismatch(mk, shape):
     x = torch.randn(4, N_CLS)
     y = torch.zeros(shape, dtype=torch.long)
+    if mk is _CE_LOSSES[1] and shape == (4, 1):
+        # fastai's tabular targets: the Flat loss drops the size-one dim, as `CrossEntropyLossFlat` does
+        torch.testing.assert_close(mk()(x, y), F.cross_entropy(x, y[:, 0], label_smoothing=0.1)); return
     with pytest.raises(ValueError, match=r"`target` shape .* does not match logits of shape \(4, 3\)"): mk()(x, y)
+
+def test_flat_target_shape_mismatch_through_mixed_loss():
+    "MixUp's loss path flattens targets as the Flat loss does: (4, 1) is taken, (2, 2) for 4 items is refused"
+    x,lam = torch.randn(4, N_CLS),torch.full((4,), .7)
+    with pytest.raises(ValueError, match=r"`target` shape \(2, 2\)"):
+        mixed_loss(LabelSmoothingCrossEntropyFlat(), x, (torch.zeros(2, 2, dtype=torch.long),), (torch.zeros(2, 2, dtype=torch.long),), lam)
+    y1,y2 = torch.tensor([0, 1, 2, 2]),torch.tensor([1, 1, 0, 2])
+    torch.testing.assert_close(mixed_loss(LabelSmoothingCrossEntropyFlat(), x, (y1[:, None],), (y2[:, None],), lam),
+                               .7*F.cross_entropy(x, y1, label_smoothing=0.1) + .3*F.cross_entropy(x, y2, label_smoothing=0.1))
 
 def test_target_float_shape_mismatch():
     with pytest.raises(ValueError, match="`target` of class probabilities"):
