@@ -65,8 +65,9 @@ dist: $(STAMP)
 	v=$$($(BIN)/python -c "import re; print(re.search(r'__version__ = \"(.+)\"', open('fastai_regularize/__init__.py').read())[1])") && \
 	  ls dist/fastai_regularize-$$v.tar.gz dist/fastai_regularize-$$v-py3-none-any.whl
 
-# The notebooks (their stored outputs, not executed) and README.md as a static site in _docs/, with an API index;
-# docs-check opens every page in headless Chromium (Debian's `chromium`) and saves screenshots in out/docs-check/.
+# The notebooks, run as nbdev-test runs them and shown with their outputs, and README.md as a static site in _docs/,
+# with an API index; docs-check opens every page in headless Chromium (Debian's `chromium`) and saves screenshots
+# (home page, API index, a notebook, a notebook's figure) in out/docs-check/.
 docs: $(STAMP)
 	$(BIN)/python scripts/make_docs.py
 

@@ -12,7 +12,10 @@ from urllib.parse import urlparse, unquote
 from websockets.sync.client import connect
 
 ROOT = Path(__file__).resolve().parent.parent
-SHOTS = {'home.png': 'index.html', 'api.png': 'api.html', 'notebook.png': '05b_distributed.html'}
+SHOTS = {'home.png': 'index.html', 'api.png': 'api.html', 'notebook.png': '05b_distributed.html',
+         'output.png': '04_calibration.html'}
+# shots taken with an element scrolled into view: a figure a notebook drew when `make docs` ran it
+SCROLL_TO = {'output.png': 'img.out'}
 PAGE_JS = """JSON.stringify({
   ids: [...document.querySelectorAll('[id]')].map(e => e.id),
   links: [...document.querySelectorAll('a[href]')].map(a => a.href),
@@ -99,9 +102,15 @@ class Browser:
                 problems.append(f"failed to load ({p.get('errorText')}): {urls.get(p.get('requestId'), p.get('requestId'))}")
         return info,problems
 
-    def screenshot(self, fn:Path):
+    def screenshot(self, fn:Path, selector:str|None=None)->bool:
+        "Save the viewport as PNG, first scrolled to `selector`'s first element if given; False if there is none"
+        if selector:
+            js = f"(e => e ? (e.scrollIntoView({{block: 'center'}}), true) : false)(document.querySelector({json.dumps(selector)}))"
+            if not self.call('Runtime.evaluate', session=True, expression=js, returnByValue=True)['result']['value']: return False
+            self.drain(0.2)
         data = self.call('Page.captureScreenshot', session=True, format='png')['data']
         fn.write_bytes(base64.b64decode(data))
+        return True
 
     def close(self):
         try: self.stack.close()
@@ -126,7 +135,9 @@ def main(site:str='_docs', shots:str='out/docs-check')->int:
             probs += [f'image does not load: {s}' for s in info['bad_images']]
             seen[p] = info
             if probs: problems[p] = probs
-            if (shot := next((k for k,v in SHOTS.items() if site/v == p), None)): b.screenshot(shots/shot)
+            for shot in [k for k,v in SHOTS.items() if site/v == p]:
+                if not b.screenshot(shots/shot, SCROLL_TO.get(shot)):
+                    problems.setdefault(p, []).append(f'no {SCROLL_TO[shot]} to show in {shot}: did `make docs` run the notebook?')
     finally: b.close()
     n_links = 0
     for p,info in seen.items():

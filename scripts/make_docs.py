@@ -1,5 +1,9 @@
-"""Render README.md and every notebook in nbs/ (with the outputs stored in it; nothing is executed) into a static site
-in _docs/, with an API index of every exported name (stand-in for `nbdev-docs`, which needs Quarto).
+"""Render README.md and every notebook in nbs/, executed, with its outputs, into a static site in _docs/, with an API
+index of every exported name (stand-in for `nbdev-docs`, which needs Quarto).
+
+Each notebook is run as `nbdev-test` runs it (in nbs/, cells marked `#| eval: false` or `#| slow` left out, keeping
+what they store), and the page shows what its cells print and draw; a cell that raises stops the build.
+`--no-exec` renders the outputs stored in the notebooks instead (faster; most store none).
 
 _docs/index.html is README.md, _docs/<notebook>.html each notebook, _docs/api.html the API index: each name in a
 module's `__all__` with its signature, docstring and parameter comments, linked to the cell of its notebook that
@@ -207,6 +211,35 @@ th,td{border:1px solid #d0d7de;padding:.3rem .6rem;text-align:left;vertical-alig
 table.params td:first-child{white-space:nowrap}
 """
 
+def executed(path:Path)->dict:
+    "The notebook at `path` after running it as `nbdev-test` does: its code cells with their outputs, as plain dicts"
+    from fastcore.nbio import read_nb
+    from execnb.shell import CaptureShell
+    from fastcore.xtras import working_directory
+    nb = read_nb(path)
+    def skip(cell):
+        if cell.cell_type != 'code': return True
+        flags = cell_flags(cell.source)
+        return flags.get('eval') == 'false' or 'slow' in flags
+    shell = CaptureShell(path)
+    with working_directory(path.parent): shell.run_all(nb, exc_stop=True, preproc=skip)
+    for cell in nb.cells:  # read_nb joins the source into one string; the renderer takes both forms
+        if cell.cell_type == 'code' and not skip(cell): cell.outputs = [o for o in map(_no_bars, cell.outputs) if o]
+    return json.loads(json.dumps(nb, default=dict))
+
+# fastprogress draws its bars as text lines when it is not in a live notebook: `|████----| 25.00% [1/4 00:00<00:00]`
+_BAR = re.compile(r'^\s*(\|[█\-]*\|\s*[\d.]+% \[.*\]|█+)\s*$')
+
+def _no_bars(out)->dict|None:
+    "An output without progress-bar lines (None if nothing else is left)"
+    out = dict(out)
+    if out.get('output_type') != 'stream': return out
+    text = ''.join(out.get('text', ''))
+    kept = [l for l in text.splitlines(keepends=True) if not _BAR.match(l)]
+    if not ''.join(kept).strip(): return None
+    out['text'] = ''.join(kept)
+    return out
+
 def nbs()->list:
     "(notebook name, module or None) for every notebook but index.ipynb (README.md is the home page), in order"
     res = []
@@ -217,7 +250,10 @@ def nbs()->list:
         res.append((p.stem, m.group(1) if m else None))
     return res
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if set(argv) - {'--no-exec'}: sys.exit(f"make_docs.py: unknown arguments {argv}; the only option is --no-exec")
+    run = '--no-exec' not in argv
     warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
     if OUT.exists(): shutil.rmtree(OUT)
     OUT.mkdir()
@@ -228,7 +264,9 @@ def main():
     files |= home.files
     for name,_ in nbs():
         page = Page(name, ROOT/'nbs')
-        body,title = notebook_html(json.loads((ROOT/'nbs'/f'{name}.ipynb').read_text()), page, defs)
+        path = ROOT/'nbs'/f'{name}.ipynb'
+        if run: print(f"make_docs: running {path.name}", flush=True)
+        body,title = notebook_html(executed(path) if run else json.loads(path.read_text()), page, defs)
         pages.append((name, title, body))
         files |= page.files
     api = Page('api', ROOT)
