@@ -405,6 +405,16 @@ def test_multilabel_temperatures_recovered(lf):
     assert res.error_after == res.error_before
     assert learn.validate()[1] == pytest.approx(res.ece_after, abs=1e-5)
 
+def test_multilabel_predict_returns_calibrated_sigmoids():
+    "`predict` on one item goes through the installed per-label temperatures; its decision keeps the loss's threshold"
+    learn = _linear_learner([0.5, 2., 4.], multilabel=True, n_valid=4000)
+    res = learn.calibrate()
+    logits,_ = learn.get_preds(act=no_activation)
+    _,dec,probs = learn.predict(400)  # the first validation item
+    torch.testing.assert_close(probs, torch.sigmoid(logits[0]/res.temperatures.float()))
+    assert torch.equal(dec, probs > learn.loss_func.thresh)
+    assert not torch.allclose(probs, torch.sigmoid(logits[0]), atol=1e-3)  # the temperatures did change them
+
 def test_multilabel_platt_recovers_scale_and_bias():
     learn = _linear_learner([0.5, 2., 1.], [1., -1., 0.5], multilabel=True, n_valid=20000)
     res = learn.calibrate('platt')
