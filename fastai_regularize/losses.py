@@ -111,9 +111,8 @@ def _flat_targets(pred:Tensor, t, dim:int):
     if not isinstance(pred, Tensor) or pred.ndim < 2 or not isinstance(t, Tensor) or t.is_floating_point(): return t
     d = dim % pred.ndim
     shp = pred.shape[:d] + pred.shape[d+1:]
-    if t.shape == shp or t.numel() != shp.numel(): return t
-    same = [s for s in t.shape if s != 1] == [s for s in shp if s != 1]
-    return t.reshape(shp) if same else t
+    same_items = [s for s in t.shape if s != 1] == [s for s in shp if s != 1]  # also: the same number of items
+    return t.reshape(shp) if t.shape != shp and same_items else t
 
 def _flatten_ce(input:Tensor, target:Tensor, dim:int=1)->tuple:
     "(z, y, shape): logits as (M, C) with the class `dim` last, targets as (M,), and the per-item loss shape"
