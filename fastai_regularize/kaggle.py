@@ -157,7 +157,7 @@ def dataset_metadata(user:str, # Kaggle user name, the owner
     return {'title': title.strip(), 'id': f'{user}/{slug}', 'licenses': [{'name': kaggle_license(lics)}],
             'description': '\n'.join(lines)}
 
-# %% ../nbs/05d_kaggle.ipynb #c49b6944
+# %% ../nbs/05d_kaggle.ipynb #5d93ff03
 def _check_out(out:Path, force:bool):
     if out.exists() and not out.is_dir(): raise KaggleError(f"`out` {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -189,8 +189,10 @@ def write_kaggle_dataset(out:str|Path, # Folder to write (created; its parent to
     check_dataset_names(user, title)
     _check_out(out, force)
     if src is None: src = source_checkout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f'.{out.name}-new-', dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f'.{out.name}-new-', dir=out.parent))
+    except OSError as e: raise KaggleError(f"cannot create {out}: {e.strerror or e}") from None
     try:
         os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would become out's
         if src is None: wheels = pip_download([f'{PACKAGE}=={__version__}'], stage)
