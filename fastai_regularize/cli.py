@@ -19,7 +19,7 @@ from .data import DataError, DataWarning, digits_folder, image_folder_dls, get_t
 
 # %% auto #0
 __all__ = ['PROG', 'COMMANDS', 'USAGE', 'UsageError', 'resolve_arch', 'image_task', 'predict_files', 'write_submission', 'fit',
-           'predict', 'compare', 'main']
+           'predict', 'compare', 'kaggle_dataset', 'main']
 
 # %% ../nbs/06_cli.ipynb #bf65ba42
 if __name__ == '__main__' and getattr(__spec__, 'name', None) == 'fastai_regularize.cli':  # not in a notebook
@@ -255,8 +255,32 @@ def compare(path:str=None, # Image folder as for fit (default: the digits)
     try: return run_experiment(task, cfgs, list(range(seed, seed + seeds)), epochs, lr, out, fresh=fresh)
     except SettingsMismatch as e: raise UsageError(str(e)) from None
 
+# %% ../nbs/06_cli.ipynb #636e81a5
+def kaggle_dataset(out:str, # Folder to write: the wheel(s) and dataset-metadata.json, for `kaggle datasets create -p OUT`
+                   user:str=None, # Your Kaggle user name (required): the dataset's id is USER/<slug of --title>
+                   title:str='fastai-regularize', # Dataset title, 6 to 50 characters; its slug names /kaggle/input/<slug>
+                   with_deps:store_true=False, # Add the wheels of requirements a Kaggle image lacks (fastkaggle): pip download --no-deps
+                   push:store_true=False, # Create or version the dataset on Kaggle through fastkaggle (needs your Kaggle credentials)
+                   force:store_true=False, # Replace OUT if it exists and is not empty
+                   src:str=None, # Source checkout to build from (default: the one this package runs from; none: this version from the index)
+                   message:str=None, # Version notes for --push (default: the wheels' names)
+                  ):
+    "Write a Kaggle dataset of this package's wheel, for offline installs in Kaggle notebooks; --push uploads it"
+    from fastai_regularize.kaggle import (KaggleError, check_dataset_names, kaggle_api, write_kaggle_dataset,
+                                          push_kaggle_dataset)
+    if user is None: raise UsageError("--user is required: your Kaggle user name (the dataset's id is USER/<slug of --title>)")
+    try:
+        slug = check_dataset_names(user, title)
+        if push: kaggle_api(user)  # no credentials: stop before anything is built
+        files = write_kaggle_dataset(out, user, title, with_deps=with_deps, force=force, src=src)
+        print(f"wrote {out}: {', '.join(f.name for f in files)}")
+        if push: print(f"{push_kaggle_dataset(out, message)} https://www.kaggle.com/datasets/{user}/{slug}")
+        else: print(f"upload it with `kaggle datasets create -p {out}`, or rerun with --push")
+    except KaggleError as e: raise UsageError(str(e)) from None
+
 # %% ../nbs/06_cli.ipynb #232fa4ef
-COMMANDS = {'fit': (fit, ['path']), 'compare': (compare, ['path']), 'predict': (predict, ['model', 'dir'])}
+COMMANDS = {'fit': (fit, ['path']), 'compare': (compare, ['path']), 'predict': (predict, ['model', 'dir']),
+            'kaggle-dataset': (kaggle_dataset, ['out'])}
 USAGE = f"usage: {PROG} {{{','.join(COMMANDS)}}} [-h] ...  ({PROG} <command> --help for a command's options)"
 
 def _fail(msg:str, code:int=2):

@@ -227,16 +227,24 @@ def executed(path:Path)->dict:
         if cell.cell_type == 'code' and not skip(cell): cell.outputs = [o for o in map(_no_bars, cell.outputs) if o]
     return json.loads(json.dumps(nb, default=dict))
 
-# fastprogress draws its bars as text lines when it is not in a live notebook: `|████----| 25.00% [1/4 00:00<00:00]`
-_BAR = re.compile(r'^\s*(\|[█\-]*\|\s*[\d.]+% \[.*\]|█+)\s*$')
+# fastprogress draws its bars as text lines when it is not in a live notebook: `|████----| 25.00% [1/4 00:00<00:00]`;
+# in `fit` each frame starts with the epoch (`Epoch 2/4 : |███---| ...`), frames end with `\r`, and a line of spaces
+# after the label wipes the bar
+_BAR = re.compile(r'^\s*(Epoch \d+/\d+ :)?\s*(\|[█\-]*\|\s*[\d.]+% \[.*\]|█+)?\s*$')
+def _is_bar(line:str)->bool: return bool(_BAR.match(line)) and (bool(line.strip()) or line.endswith('\r'))
+
+def _lone_header(lines:list)->bool:
+    "Is the text only the header of fastai's epoch table (`epoch train_loss ...`), no row under it? (`tta` prints that)"
+    rows = [l.split() for l in lines if l.strip()]
+    return len(rows) == 1 and rows[0][:2] == ['epoch', 'train_loss']
 
 def _no_bars(out)->dict|None:
     "An output without progress-bar lines (None if nothing else is left)"
     out = dict(out)
     if out.get('output_type') != 'stream': return out
     text = ''.join(out.get('text', ''))
-    kept = [l for l in text.splitlines(keepends=True) if not _BAR.match(l)]
-    if not ''.join(kept).strip(): return None
+    kept = [l for l in text.splitlines(keepends=True) if not _is_bar(l)]
+    if not ''.join(kept).strip() or _lone_header(kept): return None
     out['text'] = ''.join(kept)
     return out
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ('all', 'core', 'activations', 'native', 'losses', 'mixup', 'manifold', 'calibration', 'distributed')
+MODULES = ('all', 'core', 'activations', 'native', 'losses', 'mixup', 'manifold', 'calibration', 'distributed', 'kaggle')
 CSRC = ('fastai_regularize/csrc/fr_native.c', 'fastai_regularize/csrc/fr_rows.h')  # the kernel is built from these
 
 # without PYTHONPATH: a checkout on it would make the fresh venv see the package before it is installed
@@ -21,18 +21,20 @@ def version()->str: return re.search(r'__version__ = "(.+)"', (ROOT/'fastai_regu
 
 @pytest.fixture(scope='module')
 def dist(tmp_path_factory)->Path:
-    "dist/ as `make dist` builds it: the sdist, then the wheel built from the sdist"
+    "dist/ as `make dist` builds it: the sdist, then the wheel built from the sdist (the code `kaggle-dataset` builds with)"
+    from fastai_regularize.kaggle import build_dist
     out = tmp_path_factory.mktemp('dist')
-    run([sys.executable, '-m', 'build', '-q', '--no-isolation', '--outdir', str(out), str(ROOT)])
+    build_dist(ROOT, out)
     return out
 
-def kaggle_venv(tmp_path:Path)->Path:
-    "A fresh venv standing for Kaggle's image: fastai and its dependencies are there, this package is not; its python"
-    # links to this venv's packages, added as a plain path; our package's editable install and metadata left out
+def kaggle_venv(tmp_path:Path, leave_out:tuple=('fastai_regularize',))->Path:
+    "A fresh venv standing for Kaggle's image: fastai and its dependencies are there, `leave_out` are not; its python"
+    # links to this venv's packages, added as a plain path; the packages named in `leave_out` (our package's editable
+    # install and metadata first) left out
     image = tmp_path/'image'
     image.mkdir()
     for p in Path(sysconfig.get_paths()['purelib']).iterdir():
-        if 'fastai_regularize' not in p.name and not p.name.endswith('.pth'): (image/p.name).symlink_to(p)
+        if not any(n in p.name for n in leave_out) and not p.name.endswith('.pth'): (image/p.name).symlink_to(p)
     env_dir = tmp_path/'kaggle'
     venv.create(env_dir, with_pip=True)
     py = env_dir/'bin'/'python'
@@ -40,8 +42,9 @@ def kaggle_venv(tmp_path:Path)->Path:
     Path(site, 'kaggle_image.pth').write_text(f'{image}\n')
     # venv's own old setuptools would shadow the image's (torch pins setuptools>=77): one set of packages, as on Kaggle
     run([str(py), '-m', 'pip', 'uninstall', '-q', '-y', 'setuptools'])
-    r = subprocess.run([str(py), '-c', 'import fastai_regularize'], capture_output=True, text=True, cwd=tmp_path, env=ENV)
-    assert r.returncode != 0, 'the fresh venv must not see the package before the install'
+    for n in leave_out:
+        r = subprocess.run([str(py), '-c', f'import {n}'], capture_output=True, text=True, cwd=tmp_path, env=ENV)
+        assert r.returncode != 0, f'the fresh venv must not see {n} before the install'
     return py
 
 def installed_version(py:Path, cwd:Path)->str:
