@@ -365,34 +365,35 @@ def _learner(n_train=100, n_valid=400, n_test=300, seed=0, loss_func=None, jitte
     with torch.no_grad(): model.weight.copy_(3*W.T)
     return Learner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), metrics=list(metrics)),ys[n_train:n_train + n_valid],ys[n_train + n_valid:]
 
-@pytest.mark.parametrize('kw', [dict(score='lac'), dict(score='aps', randomized=True, class_conditional=True, seed=3),
-                                dict(score='raps', k_reg=2, lam=0.05, allow_empty=False)])
-def test_conformalize_then_predict_sets_equals_conformal_sets(kw):
+def test_conformalize_then_predict_sets_equals_conformal_sets():
     learn,yv,yt = _learner()
     learn.calibrate()                                              # installed first: the sets use calibrated probabilities
-    pred = learn.conformalize(alpha=0.2, **kw)
-    assert learn.conformal is pred and pred.n == 400
     pv,tv = learn.get_preds()
     assert torch.equal(tv, yv)
     raw = F.softmax(learn.get_preds(act=no_activation)[0], -1)
     assert not torch.allclose(pv, raw, atol=1e-3)                  # so a missed calibration would show
-    sets,pt = learn.predict_sets(learn.dls[2])
-    torch.testing.assert_close(pt, learn.get_preds(dl=learn.dls[2])[0])
-    assert torch.equal(sets, conformal_sets(pv, yv, pt, 0.2, **kw))
-    assert torch.equal(learn.predict_sets(learn.dls[2], alpha=0.05)[0], conformal_sets(pv, yv, pt, 0.05, **kw))
-    assert learn.predict_sets()[0].shape == (400, 4)               # the validation set by default
+    pt = learn.get_preds(dl=learn.dls[2])[0]
+    for kw in (dict(score='lac'), dict(score='aps', randomized=True, class_conditional=True, seed=3),
+               dict(score='raps', k_reg=2, lam=0.05, allow_empty=False)):
+        pred = learn.conformalize(alpha=0.2, **kw)
+        assert learn.conformal is pred and pred.n == 400
+        sets,p = learn.predict_sets(learn.dls[2])
+        torch.testing.assert_close(p, pt)
+        assert torch.equal(sets, conformal_sets(pv, yv, pt, 0.2, **kw))
+        assert torch.equal(pred.sets(pt, 0.05), conformal_sets(pv, yv, pt, 0.05, **kw))
+    assert learn.predict_sets(alpha=0.05)[0].shape == (400, 4)     # the validation set by default
 
 def test_conformalize_with_tta_fits_and_predicts_on_seeded_tta():
     learn,yv,_ = _learner(jitter=True)
-    pred = learn.conformalize(score='lac', tta=dict(n=3), seed=5)
-    assert pred.tta == dict(n=3, beta=0.25, use_max=False)
+    pred = learn.conformalize(score='lac', tta=dict(n=2), seed=5)
+    assert pred.tta == dict(n=2, beta=0.25, use_max=False)
     set_seed(5, reproducible=True)
-    pv = learn.tta(n=3)[0]
+    pv = learn.tta(n=2)[0]
     torch.testing.assert_close(pred.scores, conformal_scores(pv, yv))
     assert not torch.allclose(pred.scores, conformal_scores(learn.get_preds()[0], yv))   # TTA differs from one pass here
     sets,pt = learn.predict_sets(learn.dls[2])
     set_seed(5, reproducible=True)
-    torch.testing.assert_close(pt, learn.tta(dl=learn.dls[2], n=3)[0])
+    torch.testing.assert_close(pt, learn.tta(dl=learn.dls[2], n=2)[0])
     assert torch.equal(sets, conformal_sets(pv, yv, pt, 0.1, 'lac'))
     with pytest.raises(ValueError, match='fitted on TTA probabilities'):
         learn.metrics = [Coverage()]
@@ -453,7 +454,7 @@ def test_state_is_plain_data_that_rebuilds_the_predictor(tmp_path):
     from safetensors.torch import save_file, load_file
     learn,_,_ = _learner()
     learn.calibrate()
-    pred = learn.conformalize(score='raps', randomized=True, class_conditional=True, tta=dict(n=2), seed=4)
+    pred = learn.conformalize(score='raps', randomized=True, class_conditional=True, tta=dict(n=1), seed=4)
     st = pred.state()
     assert set(st) == {'scores', 'targs', 'settings'} and st['scores'].dtype == torch.float64 and st['targs'].dtype == torch.int64
     save_file({'scores': st['scores'], 'targs': st['targs']}, tmp_path/'c.safetensors')
