@@ -110,10 +110,9 @@ def _kth(s:Tensor, alpha:float)->float:
     return math.inf if k > len(s) else torch.kthvalue(s, k).values.item()
 
 def _too_few(alpha:float)->int:
-    "Fewest items that give a finite threshold at `alpha`"
-    n = 0
-    while _rank(n, alpha) > n: n += 1
-    return n
+    "Fewest items that give a finite threshold at `alpha`: the least n with (n+1)(1-alpha) <= n"
+    a = Fraction(repr(float(alpha)))
+    return math.ceil((1 - a)/a)
 
 def _thresholds(s:Tensor, y:Tensor|None, n_classes:int, alpha:float)->float|Tensor:
     "The threshold of checked scores `s`, or one per class of `y` (float64, (n_classes,))"
@@ -143,7 +142,8 @@ def conformal_threshold(scores:Tensor, # Held-out items' scores (n,), from `conf
         return _thresholds(s, None, 0, alpha)
     t = _tensor('targs', targs)
     if n_classes is None: n_classes = int(t.max().item()) + 1 if t.numel() and not t.is_floating_point() else 1
-    return _thresholds(s, _check_targs('targs', t, len(s), check_int('n_classes', n_classes, 1), 'scores'), n_classes, alpha)
+    y = _check_targs('targs', t, len(s), check_int('n_classes', n_classes, 1), 'scores').to(s.device)
+    return _thresholds(s, y, n_classes, alpha)
 
 # %% ../nbs/04a_conformal.ipynb #7bc6ead3
 _TTA_DEFAULTS = dict(n=4, beta=0.25, use_max=False)
