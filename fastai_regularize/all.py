@@ -6,7 +6,7 @@
 __all__ = []
 
 # %% ../nbs/07_all.ipynb #f51c7c87
-from . import core, activations, native, losses, mixup, manifold, calibration_metrics, calibration, data, experiment, distributed
+from . import core, activations, native, losses, mixup, manifold, calibration_metrics, calibration, conformal, data, experiment, distributed
 from .core import *
 from .activations import *
 from .native import *
@@ -15,9 +15,10 @@ from .mixup import *
 from .manifold import *
 from .calibration_metrics import *
 from .calibration import *
+from .conformal import *
 from .data import *
 from .experiment import *
 from .distributed import *
 
 # %% ../nbs/07_all.ipynb #8d436a28
-__all__ = [n for m in (core, activations, native, losses, mixup, manifold, calibration_metrics, calibration, data, experiment, distributed) for n in m.__all__]
+__all__ = [n for m in (core, activations, native, losses, mixup, manifold, calibration_metrics, calibration, conformal, data, experiment, distributed) for n in m.__all__]

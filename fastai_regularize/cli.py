@@ -88,13 +88,16 @@ def image_task(path:str|Path|None=None, # `<label>/` folders, or `train/` and `v
 def predict_files(learn, # A trained or loaded `Learner`
                   files:list, # Image files
                   seed:int=42, # Seed of the TTA augmentations
+                  with_probs:bool=False, # Also return the TTA probabilities
+                  tta:dict|None=None, # `learn.tta`'s n, beta, use_max; None: its defaults
                  )->list:
-    "Class names predicted for `files` with TTA"
+    "Class names predicted for `files` with TTA (and their probabilities if `with_probs`)"
     from fastai.torch_core import set_seed
     dl = learn.dls.test_dl(files)
     set_seed(seed, reproducible=True)
-    probs,_ = learn.tta(dl=dl)
-    return [str(learn.dls.vocab[i]) for i in probs.argmax(1).tolist()]
+    probs,_ = learn.tta(dl=dl, **(tta or {}))
+    labels = [str(learn.dls.vocab[i]) for i in probs.argmax(1).tolist()]
+    return (labels,probs) if with_probs else labels
 
 def write_submission(names:list, # Image file names (`image_id`s)
                      labels:list, # Predicted class names, one per name
@@ -102,11 +105,13 @@ def write_submission(names:list, # Image file names (`image_id`s)
                      sample:str|Path|None=None, # Kaggle sample submission whose label column to fill
                      fill_label:str|None=None, # Label for sample rows whose image exists but was unreadable
                      unreadable:list=(), # Names of such images
+                     extra:dict|None=None, # Further columns after the label (name -> one value per name); not with `sample`
                     ):
     "Write `image_id,label` to `out`, or `sample` with its label column filled; return the `DataFrame`"
     import pandas as pd
     pred = dict(zip(names, labels))
-    if sample is None: df = pd.DataFrame({'image_id': list(names), 'label': list(labels)})
+    if extra and sample is not None: raise UsageError("extra columns cannot go into a sample submission's fixed columns")
+    if sample is None: df = pd.DataFrame({'image_id': list(names), 'label': list(labels), **(extra or {})})
     else:
         sample = Path(sample)
         if not sample.is_file(): raise UsageError(f"sample submission {sample} does not exist")
@@ -179,12 +184,14 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
         sample_submission:str=None, # Kaggle sample_submission.csv whose label column to fill (needs --test-dir)
         submission:str='submission.csv', # CSV to write the test predictions to
         export:str=None, # Save the trained learner here with learn.export
+        conformalize:store_true=False, # Store APS conformal scores of the validation set's TTA probabilities (after --calibrate) in the --export learner, for predict --sets
         seed:int=42, # Random seed (split, initialisation, order, TTA)
        ):
     "Train a vision_learner with label smoothing and MixUp/CutMix, report error/TTA error/loss, write a submission"
     from fastai_regularize.experiment import train_run, evaluate, show_bars
     if sample_submission is not None and test_dir is None: raise UsageError("--sample-submission needs --test-dir")
     if reliability is not None and not calibrate: raise UsageError("--reliability needs --calibrate")
+    if conformalize and export is None: raise UsageError("--conformalize needs --export (predict --sets reads the exported learner)")
     resolve_arch(arch)
     epochs,lr,seed = _check_int('epochs', epochs),_check('lr', lr, lo=0, lo_open=True, hi=10),_check_int('seed', seed, 0)
     test_files = get_test_images(test_dir) if test_dir is not None else None
@@ -201,6 +208,10 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
     if reliability is not None:
         with quiet(): _save_reliability(learn, reliability, seed)
     for cb in [cb for cb in learn.cbs if type(cb).__name__ in ('MixUp', 'CutMix')]: learn.remove_cb(cb)  # training-only
+    if conformalize:
+        import fastai_regularize.conformal  # noqa: F401 (`Learner.conformalize`)
+        with quiet(): pred = learn.conformalize(score='aps', tta=True, seed=seed)
+        print(f"conformal: APS scores of {pred.n} validation images (TTA) stored for predict --sets")
     if test_files is not None:
         with quiet(): labels = predict_files(learn, test_files, seed=seed)
         all_names = [f.name for f in Path(test_dir).rglob('*') if f.is_file()]
@@ -215,20 +226,49 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
     return res
 
 # %% ../nbs/06_cli.ipynb #8185f1cc
+def _alpha_of(level:float)->float:
+    "1 - `level`, as the decimal it is: 1 - 0.9 is 0.1, not 0.09999999999999998 (the conformal rank is exact in alpha)"
+    from fractions import Fraction
+    return float(1 - Fraction(repr(level)))
+
+def _conformal_of(learn, model:Path):
+    "The conformal predictor `fit --conformalize` stored in `learn`, checked for `predict --sets`"
+    from fastai_regularize.conformal import _installed
+    if getattr(learn, 'conformal', None) is None:
+        raise UsageError(f"--sets: {model} has no conformal scores; fit it with --conformalize "
+                         "(in Python: learn.conformalize(tta=True) before learn.export)")
+    try: pred = _installed(learn, '--sets')
+    except ValueError as e: raise UsageError(str(e)) from None
+    if pred.tta is None:
+        raise UsageError(f"--sets: {model}'s conformal scores come from single-pass predictions but predict uses TTA; "
+                         "conformalize it with learn.conformalize(tta=True)")
+    bad = [str(v) for v in learn.dls.vocab if not str(v) or any(ch.isspace() for ch in str(v))]
+    if bad: raise UsageError(f"--sets writes class names separated by spaces, and class {bad[0]!r} is empty or has whitespace")
+    return pred
+
+def _set_columns(sets, probs, vocab:list)->dict:
+    "`set` (each item's classes, most probable first, space-separated; '' if none) and `set_size` columns"
+    order = probs.argsort(1, descending=True).tolist()
+    return {'set': [' '.join(vocab[c] for c in o if sets[i, c]) for i,o in enumerate(order)], 'set_size': sets.sum(1).tolist()}
+
 def predict(model:str, # Learner saved by `fit --export` (learn.export)
             dir:str, # Folder of images to predict
             out:str='preds.csv', # CSV to write: image_id,label
             seed:int=42, # Seed of the TTA augmentations (use fit's to reproduce its submission)
+            sets:float=None, # Also write each image's conformal prediction set at this coverage, e.g. 0.9 (needs fit --conformalize): columns set, set_size
            ):
     "Load an exported learner and write TTA predictions for a folder of images"
     from fastai.learner import load_learner
     import fastai_regularize.activations  # noqa: F401 (a calibrated `default_act` applies)
+    alpha = None if sets is None else _alpha_of(_check('sets', sets, lo=0, hi=1, lo_open=True, hi_open=True))
     model = Path(model)
     if not model.is_file(): raise UsageError(f"model {model} does not exist")
     files = get_test_images(dir)
     learn = load_learner(model.absolute())
-    labels = predict_files(learn, files, seed=seed)
-    write_submission([f.name for f in files], labels, out)
+    pred = None if alpha is None else _conformal_of(learn, model)
+    labels,probs = predict_files(learn, files, seed=seed, with_probs=True, tta=None if pred is None else pred.tta)
+    extra = None if pred is None else _set_columns(pred.sets(probs, alpha), probs, [str(v) for v in learn.dls.vocab])
+    write_submission([f.name for f in files], labels, out, extra=extra)
     print(f"wrote {len(labels)} predictions to {out}")
 
 # %% ../nbs/06_cli.ipynb #0f9a33e8

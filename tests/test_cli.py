@@ -97,7 +97,7 @@ def paddy(tmp_path_factory, digits):
 def fitted(paddy, env):
     r = cli(env, paddy, 'fit', 'train_images', '--epochs', 1, '--size', 16, '--bs', 32, '--test-dir', 'test_images',
             '--sample-submission', 'sample_submission.csv', '--submission', 'out/submission.csv', '--export', 'model.pkl', '--calibrate',
-            '--reliability', 'out/reliability.png')
+            '--reliability', 'out/reliability.png', '--conformalize')
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -115,6 +115,7 @@ def test_fit_submission(paddy, fitted):
     assert list(sub.image_id) == list(sample.image_id)  # the sample's (shuffled) row order
     assert set(sub.label) <= {str(i) for i in range(10)}  # every row, the unreadable image's included, filled
     assert (paddy/'model.pkl').is_file()
+    assert 'conformal: APS scores of' in fitted.stdout
     from PIL import Image
     assert Image.open(paddy/'out'/'reliability.png').size[0] > 500  # the before/after diagrams were drawn
 
@@ -129,6 +130,35 @@ def test_predict_matches_fit(paddy, env, fitted):
     assert len(preds) == 40 and 'truncated.png' not in set(preds.image_id)
     # TTA's augmented passes are random; fit and predict seed them alike, so the labels are identical
     assert list(preds.label) == list(sub[preds.image_id])
+
+
+def test_predict_sets_column(paddy, env, fitted):
+    "`--sets 0.9`: the sets `learn.predict_sets` gives the same images, written as space-separated names, most probable first"
+    r = cli(env, paddy, 'predict', 'model.pkl', 'test_images', '--out', 'sets.csv', '--sets', '0.9')
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = pd.read_csv(paddy/'sets.csv', dtype=str, keep_default_na=False)
+    assert list(got.columns) == ['image_id', 'label', 'set', 'set_size']
+    plain = pd.read_csv(paddy/'preds.csv', dtype=str) if (paddy/'preds.csv').is_file() else None
+    if plain is not None: assert list(got.label) == list(plain.label)          # the same TTA passes: the same labels
+    import warnings
+    from fastai.learner import load_learner
+    import fastai_regularize.conformal  # noqa: F401
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn = load_learner(paddy/'model.pkl')
+        files = frd.get_test_images(paddy/'test_images')
+    assert [f.name for f in files] == list(got.image_id)
+    sets,probs = learn.predict_sets(learn.dls.test_dl(files), alpha=0.1)   # seeded as fit seeded it: --seed 42
+    vocab = [str(v) for v in learn.dls.vocab]
+    want = [' '.join(vocab[c] for c in probs[i].argsort(descending=True).tolist() if sets[i, c]) for i in range(len(files))]
+    assert list(got.set) == want and list(got.set_size) == [str(int(n)) for n in sets.sum(1)]
+    assert 0 < sets.sum(1).double().mean() < len(vocab)                      # neither all empty nor all full
+    learn.conformal = None                                                   # a learner without scores: one line
+    learn.export(paddy/'plain.pkl')
+    r = cli(env, paddy, 'predict', 'plain.pkl', 'test_images', '--sets', '0.9')
+    errors = [l for l in r.stderr.splitlines() if 'error' in l]               # (load_learner's pickle warning comes first)
+    assert r.returncode == 2 and len(errors) == 1 and errors[0].startswith('fastai-regularize: error: predict: --sets: plain.pkl has no '
+                                                                           'conformal scores; fit it with --conformalize'), r.stderr
 
 
 @pytest.mark.parametrize('case', ['missing', 'empty', 'one_class', 'bad_arch', 'bad_lr', 'reliability_alone'])
@@ -170,7 +200,7 @@ def test_fit_timm_arch_on_digits(env, tmp_path):
 ARGVS = {'fit': [[], ['some/dir'], ['d', '--epochs', '2', '--no-mixup', '--lr', '0.01'], ['--test-dir', 't', '--cutmix', 'd'],
                  ['--sample-submission', 's.csv', '--submission', 'o.csv', '--seed', '7']],
          'compare': [[], ['d', '--out', 'o', '--bs', '8'], ['--seeds', '2', '--configs', 'baseline,mixup', '--fresh']],
-         'predict': [['m.pkl', 'd'], ['m.pkl', 'd', '--out', 'p.csv', '--seed', '3']]}
+         'predict': [['m.pkl', 'd'], ['m.pkl', 'd', '--out', 'p.csv', '--seed', '3'], ['m.pkl', 'd', '--sets', '0.9']]}
 
 @pytest.mark.parametrize('name', sorted(ARGVS))
 def test_parser_without_fastcore_pos(name, monkeypatch):
