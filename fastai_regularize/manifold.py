@@ -31,7 +31,28 @@ def _stages(body:nn.Module)->list:
     "Names of the stages of a vision body: its children that are plain `nn.Sequential`s"
     return [n for n,c in body.named_children() if type(c) is nn.Sequential]
 
-def manifold_layers(model:nn.Module, # A fastai vision, tabular or text model (or one wrapped in DistributedDataParallel)
+def _timm_model(m:nn.Module)->tuple:
+    "The timm model in `m` and its name prefix: the body of fastai's `Sequential(TimmBody(...), head)`, or `m` itself"
+    if type(m) is nn.Sequential and len(m) == 2 and _isinstance(m[0], 'fastai.vision.learner', 'TimmBody'):
+        return m[0].model, '0.model.'
+    return (m, '') if type(m).__module__.startswith('timm.') else (None, '')
+
+def _timm_stages(tm:nn.Module)->list:
+    "Names of the stages timm's `feature_info` lists (a stem's bare activation left out), else of a transformer's `blocks`"
+    fi = getattr(tm, 'feature_info', None)
+    fi = getattr(fi, 'info', fi)  # a `FeatureInfo` (features_only models) or the list of dicts other models carry
+    names = []
+    for d in (fi if isinstance(fi, (list, tuple)) else []):
+        n = d.get('module') if isinstance(d, dict) else None
+        try: mod = tm.get_submodule(n) if n else None
+        except AttributeError: mod = None
+        if mod is not None and next(mod.children(), None) is not None: names.append(n)
+    if len(names) >= 2: return names
+    blocks = getattr(tm, 'blocks', None)
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) >= 2: return [f'blocks.{i}' for i in range(len(blocks))]
+    return []
+
+def manifold_layers(model:nn.Module, # A fastai vision, tabular or text model, a timm model (or one wrapped in DistributedDataParallel)
                    )->list:
     "The layers `ManifoldMixUp` mixes by default, as `(name in model, 'output' | 'input')`; ValueError for other models"
     m,pre = (model.module,'module.') if isinstance(model, nn.parallel.DistributedDataParallel) else (model,'')
@@ -39,6 +60,8 @@ def manifold_layers(model:nn.Module, # A fastai vision, tabular or text model (o
         blocks = [i for i,l in enumerate(m.layers) if _isinstance(l, 'fastai.layers', 'LinBnDrop')]
         return [(f'{pre}layers', 'input')] + [(f'{pre}layers.{i}', 'output') for i in blocks[:-1]]
     if _isinstance(m, 'fastai.text.models.core', 'SequentialRNN') and len(m) >= 2: return [(f'{pre}0', 'output')]
+    tm,tpre = _timm_model(m)
+    if tm is not None and len(stages := _timm_stages(tm)) >= 2: return [(f'{pre}{tpre}{n}', 'output') for n in stages[:-1]]
     if (_isinstance(m, 'fastai.vision.models.xresnet', 'XResNet')
         or _isinstance(m, 'torchvision.models.resnet', 'ResNet')): body,bpre = m,pre
     elif type(m) is nn.Sequential and len(m) == 2 and len(_stages(m[0])) >= 2: body,bpre = m[0],f'{pre}0.'

@@ -227,6 +227,47 @@ def test_xresnet_and_torchvision_resnet_defaults():
     nn.Module.__init__(ddp_like); ddp_like.module = resnet18()
     assert manifold_layers(ddp_like)[0] == ('module.layer1', 'output')
 
+TIMM = {'resnet10t': ({}, ['layer1', 'layer2', 'layer3']),
+        'convnext_atto': ({}, ['stages.0', 'stages.1', 'stages.2']),
+        'efficientnet_b0': ({}, ['blocks.0', 'blocks.1', 'blocks.2', 'blocks.4']),
+        'vit_tiny_patch16_224': ({'img_size': 32}, [f'blocks.{i}' for i in range(11)])}
+
+@pytest.fixture(scope='module')
+def img32_dls():
+    "16 training and 8 validation 3×32×32 images (a ConvNeXt's stride 32 needs 32 pixels), class c brighter in channel c"
+    g = torch.Generator().manual_seed(1)
+    def items(n):
+        x,y = torch.rand(n, 3, 32, 32, generator=g),torch.arange(n) % 3
+        x[torch.arange(n), y] += 0.5
+        return [(TensorImage(x[i]), TensorCategory(y[i])) for i in range(n)]
+    set_seed(0)
+    return DataLoaders.from_dsets(items(16), items(8), bs=8, device='cpu')
+
+@pytest.mark.parametrize('arch', list(TIMM))
+def test_timm_bodies(img32_dls, arch):
+    "vision_learner on a timm name: the stages timm names in `feature_info` but the last are mixed, each as a hand computation gives"
+    pytest.importorskip('timm')
+    kw,stages = TIMM[arch]
+    set_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # timm's deprecation notices
+        learn = vision_learner(img32_dls, arch, pretrained=False, n_out=3, loss_func=CrossEntropyLossFlat(),
+                               cbs=ManifoldMixUp(), **kw)
+    learn.remove_cb(ProgressCallback)
+    layers = manifold_layers(learn.model)
+    assert layers == [(f'0.model.{n}', 'output') for n in stages]
+    check = Check({n: ('output', _again) for n,_ in layers})
+    learn.fit(1, 1e-3, cbs=check)
+    assert len(check.checked) == 2 and _finite(learn) and _no_hooks(learn.model)
+    assert manifold_layers(learn.model[0].model) == [(n, 'output') for n in stages]   # the timm model alone
+
+def test_transformer_without_feature_info():
+    "A timm model that names no stages: its transformer `blocks` but the last"
+    timm = pytest.importorskip('timm')
+    m = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, depth=3)
+    del m.feature_info
+    assert manifold_layers(m) == [('blocks.0', 'output'), ('blocks.1', 'output')]
+
 # ================================================================ 2. faults leave the model exactly as it was
 class Boom(Callback):
     "Raise `exc` the first time `event` fires (in training for the batch events, in validation for 'valid_before_batch')"
