@@ -166,7 +166,7 @@ def test_no_reduction_loss_gets_clear_error_and_learner_untouched():
     learn.remove_cb(learn.mix_up)
     learn.fit(1)
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='host-device syncs exist only with a GPU')
+@pytest.mark.gpu  # host-device syncs exist only with a GPU
 def test_no_host_device_sync_per_batch():
     "MixUp's batch work and the one-pass mixed loss run with CUDA's sync debug mode set to raise"
     from fastai_regularize.losses import mixed_loss
