@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip.conf on these machines names local indexes that may be absent; drop that noise, keep real errors.
 QUIET := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: demo test test-oldest fuzz native-check check export wheel dist docs docs-check bench quality tabular clean
+.PHONY: demo test test-oldest fuzz native-check check export wheel dist docs docs-check bench gpu-check quality tabular clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -76,6 +76,13 @@ docs-check: docs
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py
+
+# The one command a machine with CUDA runs: the tests marked `gpu` (the losses' CUDA path, the differential test on
+# CUDA, the mixing callbacks under fastai's real to_fp16), the compatibility grid (tests/test_compat.py) on CUDA, then
+# benchmarks/speed.py --device cuda (writes benchmarks/results/speed-cuda.*; QUICK=1: a few repetitions, nothing
+# written), and a summary to quote: GPU, tests passed/failed/skipped, the speed ratios. Without CUDA: one line, exit 0.
+gpu-check: $(STAMP)
+	MPLBACKEND=Agg $(BIN)/python scripts/gpu_check.py $(if $(QUICK),--quick)
 
 # Fashion-MNIST with 2,000 training images: 40 epochs (8 configurations) and the short schedule beside it (10 epochs),
 # 3 paired seeds each, then how calibratable each 40-epoch model is. It resumes what benchmarks/results/ holds (with the

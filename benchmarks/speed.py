@@ -7,6 +7,7 @@ gives each repetition fresh inputs, and reports medians; ratios are median(ours)
     python benchmarks/speed.py                  # full run, writes benchmarks/results/speed-cpu.{md,json}
     python benchmarks/speed.py --quick          # a few repetitions, nothing written unless --write
     python benchmarks/speed.py --device cuda    # same on a GPU, plus torch.cuda.max_memory_allocated peaks
+    python benchmarks/speed.py --json out.json  # also the results as JSON at out.json (`make gpu-check` reads it)
 
 See benchmarks/README.md for what each row means and how memory is measured.
 """
@@ -389,6 +390,7 @@ def main(argv=None):
     ap.add_argument('--only', default='losses,weighted,step,before_batch,memory', help='comma-separated sections to run')
     ap.add_argument('--write', action='store_true', help='write the results files even with --quick')
     ap.add_argument('--no-write', action='store_true', help='print only')
+    ap.add_argument('--json', default=None, help='also write the results (what the .json file holds) to this path')
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == 'cuda' and not torch.cuda.is_available(): sys.exit('--device cuda: no CUDA device here')
@@ -417,6 +419,7 @@ def main(argv=None):
     res['args'] = {k: v for k, v in vars(args).items()}
     md = report(res, args)
     print('\n' + md)
+    if args.json: Path(args.json).write_text(json.dumps(res, indent=1, default=str) + '\n')
     if (not args.quick or args.write) and not args.no_write:
         out = ROOT / 'results'; out.mkdir(exist_ok=True)
         (out / f'speed-{dev.type}.md').write_text(md)

@@ -5,7 +5,7 @@ mixed; hooks that leave the model exactly as they found it, whatever way a fit e
 
 # %% ../nbs/03a_manifold.ipynb #aa91e945
 from __future__ import annotations
-import sys, warnings
+import dis, sys, warnings
 from typing import Callable
 
 import torch, torch.nn as nn
@@ -31,7 +31,28 @@ def _stages(body:nn.Module)->list:
     "Names of the stages of a vision body: its children that are plain `nn.Sequential`s"
     return [n for n,c in body.named_children() if type(c) is nn.Sequential]
 
-def manifold_layers(model:nn.Module, # A fastai vision, tabular or text model (or one wrapped in DistributedDataParallel)
+def _timm_model(m:nn.Module)->tuple:
+    "The timm model in `m` and its name prefix: the body of fastai's `Sequential(TimmBody(...), head)`, or `m` itself"
+    if type(m) is nn.Sequential and len(m) == 2 and _isinstance(m[0], 'fastai.vision.learner', 'TimmBody'):
+        return m[0].model, '0.model.'
+    return (m, '') if type(m).__module__.startswith('timm.') else (None, '')
+
+def _timm_stages(tm:nn.Module)->list:
+    "Names of the stages timm's `feature_info` lists (a stem's bare activation left out), else of a transformer's `blocks`"
+    fi = getattr(tm, 'feature_info', None)
+    fi = getattr(fi, 'info', fi)  # a `FeatureInfo` (features_only models) or the list of dicts other models carry
+    names = []
+    for d in (fi if isinstance(fi, (list, tuple)) else []):
+        n = d.get('module') if isinstance(d, dict) else None
+        try: mod = tm.get_submodule(n) if n else None
+        except AttributeError: mod = None
+        if mod is not None and next(mod.children(), None) is not None: names.append(n)
+    if len(names) >= 2: return names
+    blocks = getattr(tm, 'blocks', None)
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) >= 2: return [f'blocks.{i}' for i in range(len(blocks))]
+    return []
+
+def manifold_layers(model:nn.Module, # A fastai vision, tabular or text model, a timm model (or one wrapped in DistributedDataParallel)
                    )->list:
     "The layers `ManifoldMixUp` mixes by default, as `(name in model, 'output' | 'input')`; ValueError for other models"
     m,pre = (model.module,'module.') if isinstance(model, nn.parallel.DistributedDataParallel) else (model,'')
@@ -39,6 +60,8 @@ def manifold_layers(model:nn.Module, # A fastai vision, tabular or text model (o
         blocks = [i for i,l in enumerate(m.layers) if _isinstance(l, 'fastai.layers', 'LinBnDrop')]
         return [(f'{pre}layers', 'input')] + [(f'{pre}layers.{i}', 'output') for i in blocks[:-1]]
     if _isinstance(m, 'fastai.text.models.core', 'SequentialRNN') and len(m) >= 2: return [(f'{pre}0', 'output')]
+    tm,tpre = _timm_model(m)
+    if tm is not None and len(stages := _timm_stages(tm)) >= 2: return [(f'{pre}{tpre}{n}', 'output') for n in stages[:-1]]
     if (_isinstance(m, 'fastai.vision.models.xresnet', 'XResNet')
         or _isinstance(m, 'torchvision.models.resnet', 'ResNet')): body,bpre = m,pre
     elif type(m) is nn.Sequential and len(m) == 2 and len(_stages(m[0])) >= 2: body,bpre = m[0],f'{pre}0.'
@@ -62,17 +85,39 @@ def _mix_hidden(h, lam:Tensor, k:int, what:str):
     return [m, *h[1:]] if isinstance(h, list) else (m, *h[1:])
 
 # %% ../nbs/03a_manifold.ipynb #6013213f
-class _ArmOnUnpack(tuple):
-    "A batch's inputs that call `arm` when unpacked, as fastai unpacks them into the model call (`self.model(*self.xb)`)"
-    def __new__(cls, xb, arm=None):
-        o = super().__new__(cls, xb)
-        o._arm = arm
-        return o
+_CALL_EX = dis.opmap.get('CALL_FUNCTION_EX')
+
+def _unpacked_into_call(frame)->bool:
+    "Is `frame` unpacking an iterable into a call's arguments (`f(*xb)`), rather than looping over it or copying it?"
+    if _CALL_EX is None: return True  # a bytecode without that instruction: any iteration counts
+    try: return frame.f_code.co_code[frame.f_lasti] == _CALL_EX
+    except (AttributeError, IndexError, TypeError): return True
+
+def _plain_tensor(x):
+    "`x` as fastai's `CastToTensor` leaves it: tensor subclasses (`TensorImage`, ...) as plain `Tensor`s, in nested tuples too"
+    if isinstance(x, tuple): return tuple(_plain_tensor(o) for o in x)
+    return x.as_subclass(Tensor) if isinstance(x, Tensor) and type(x) is not Tensor else x
+
+class _ArmOnUnpack(list):
+    "A batch's inputs that call `arm` when `learner` unpacks them into a call, as fastai calls the model: `self.model(*self.xb)`"
+    # A list, not a tuple: fastai's `CastToTensor` (order 9) rebuilds every tuple `learn.xb` holds, which would drop the
+    # wrapper, so the wrapper casts in its place (`cast`). Looping over it, copying it (fastai's `apply` makes
+    # `type(xb)(...)`) or unpacking it anywhere but in a method of `learner` arms nothing.
+    def __init__(self, xb=(), arm=None, learner=None, cast:bool=False):
+        super().__init__(xb)
+        self._arm,self._learner,self._cast,self.unpacked = arm,learner,cast,None
     def __iter__(self):
+        f = sys._getframe(1)
+        if (getattr(self, '_arm', None) is None or not _unpacked_into_call(f)
+            or f.f_locals.get('self') is not self._learner): return super().__iter__()
         arm,self._arm = self._arm,None
-        if arm is not None: arm()
-        return super().__iter__()
-    def __reduce__(self): return (tuple, (self[:],))  # pickles (export after an interrupt) as the plain tuple
+        self.unpacked = _plain_tensor(self.batch()) if self._cast else self.batch()
+        arm()
+        return iter(self.unpacked)
+    def batch(self)->tuple:
+        "The inputs as the tuple fastai would hold: cast as `CastToTensor` casts them, once they went to the model"
+        return self.unpacked if getattr(self, 'unpacked', None) is not None else tuple(list.__iter__(self))
+    def __reduce__(self): return (tuple, (self.batch(),))  # pickles (export after an interrupt) as the plain tuple
 
 def _check_modules(modules):
     "None, or a non-empty list of modules and/or names"
@@ -121,6 +166,11 @@ class ManifoldMixUp(_Mixer):
         for h in self._handles: h.remove()
         self._handles,self._frame = [],None
 
+    def _unwrap_xb(self):
+        "`learn.xb` back to the plain tuple fastai passed on, if it is still our wrapper"
+        learn = self.learn
+        if learn is not None and isinstance(getattr(learn, 'xb', None), _ArmOnUnpack): learn.xb = learn.xb.batch()
+
     def before_fit(self):
         super().before_fit()
         self._disarm()
@@ -151,7 +201,8 @@ class ManifoldMixUp(_Mixer):
             self.learn.xb = tuple(retain_type(_shift_lerp(t, lam, k), t) for t in xb)
         else:
             self._plan = (self._points[i], lam, k)
-            self.learn.xb = _ArmOnUnpack(xb, self._arm)
+            casts = any(_isinstance(cb, 'fastai.learner', 'CastToTensor') for cb in self.learn.cbs)
+            self.learn.xb = _ArmOnUnpack(xb, self._arm, self.learn, cast=casts)
 
     def _arm(self):
         "Register the hooks for one forward pass of `learn.model`"
@@ -182,7 +233,7 @@ class ManifoldMixUp(_Mixer):
         "Check the layer was mixed, then hold the targets back as `MixUp` does"
         state,self._state = self._state,None
         self._disarm()
-        if isinstance(self.learn.xb, _ArmOnUnpack): self.learn.xb = self.learn.xb[:]
+        self._unwrap_xb()
         if self._plan is not None and self._plan[0] != 'input' and state != 'mixed':
             name = self._plan[0][0]
             self.learn.yb,self._pending,self._plan = self._orig_yb,None,None
@@ -194,8 +245,8 @@ class ManifoldMixUp(_Mixer):
         self._orig_yb = None
         super().after_pred()
 
-    def after_batch(self): self._disarm()
-    def after_cancel_batch(self): self._disarm()
+    def after_batch(self): self._disarm(); self._unwrap_xb()
+    def after_cancel_batch(self): self._disarm(); self._unwrap_xb()
     def before_validate(self): self._disarm()
     def after_fit(self):
         self._disarm()

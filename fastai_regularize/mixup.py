@@ -220,20 +220,23 @@ def _mix_targets(self:_Mixer, yb:tuple, x:Tensor, k:int, lam:Tensor|None, lam_to
 @patch
 def mix(self:MixUp, xb:tuple, yb:tuple)->tuple:
     "Mixed `(xb, yb, pending)`; `pending` is `(partner targets, λ)` when class indices are mixed through the loss, else None"
-    x = xb[0]
+    # empty inputs hold nothing to mix and pass through: fastai's tabular batches always carry the categorical codes,
+    # as an (N, 0) int64 tensor when a table has no categorical column
+    i0 = next((i for i,t in enumerate(xb) if t.numel()), 0)
+    x = xb[i0]
     n = x.shape[0]
     if n < 2: return xb, yb, None
     lam,cut = self._draw(n, x.device)
     if lam is None and cut is None: return xb, yb, None
     if lam is not None:
         for i,t in enumerate(xb):
-            if not t.is_floating_point():
+            if not t.is_floating_point() and t.numel():
                 raise TypeError(f"MixUp mixes inputs linearly, but `xb[{i}]` is {t.dtype} (token ids?); give it float "
                                 "inputs (images, features), use `CutMix` for integer images, or `ManifoldMixUp` to mix "
                                 "a hidden layer (text, categorical columns)")
     mask,lam_area = None,None
     if cut is not None:
-        if x.ndim < 3: raise TypeError(f"CutMix pastes boxes into images (N, C, H, W), but `xb[0]` has shape {tuple(x.shape)}")
+        if x.ndim < 3: raise TypeError(f"CutMix pastes boxes into images (N, C, H, W), but `xb[{i0}]` has shape {tuple(x.shape)}")
         draws,drop = cut
         mask,kept = cutmix_boxes(draws, *x.shape[-2:])
         lam_area = kept if self.correct_lam else draws
@@ -242,7 +245,7 @@ def mix(self:MixUp, xb:tuple, yb:tuple)->tuple:
             lam_area = torch.where(drop, 1., lam_area)
     k = int(torch.randint(1, n, ()))
     lam_total = lam if lam_area is None else lam_area if lam is None else lam * lam_area
-    new_xb = tuple(_lerp_cut(t, x, k, lam, mask) if (lam is not None or _is_spatial(t, x)) else t for t in xb)
+    new_xb = tuple(_lerp_cut(t, x, k, lam, mask) if t.numel() and (lam is not None or _is_spatial(t, x)) else t for t in xb)
     return new_xb, *self._mix_targets(yb, x, k, lam, lam_total, mask)
 
 # %% ../nbs/03_mixup.ipynb #91d04f1e

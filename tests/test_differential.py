@@ -33,6 +33,14 @@ def ieee_floats():
     torch.set_flush_denormal(flushing)
 
 PATHS = [False] + ([True] if native_info()['available'] else [])    # use_native(...) values to run each case through
+# the device our losses run on; PyTorch's reference always runs on the CPU. CUDA has no C kernel: its PyTorch-op path
+DEVICES = pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.gpu)])
+
+def _paths(device:str)->list: return PATHS if device == 'cpu' else [False]
+
+def _on(t, device:str):
+    "`t` (a tensor or None) on `device`"
+    return t if t is None else t.to(device)
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 SPECIAL = [1e4, -1e4, math.inf, -math.inf, math.nan]
 # float64 is compared almost exactly; float32 (and half logits, computed in float32) to its rounding
@@ -115,8 +123,9 @@ def _flat_ref(x, t, axis, **kw):
     return F.cross_entropy(x.movedim(axis, -1).reshape(-1, C), t, **kw)
 
 # ---------------------------------------------------------------------------------------------------- properties
+@DEVICES
 @given(api=st.sampled_from(['function', 'module', 'flat']), data=st.data())
-def test_cross_entropy_equals_pytorch(api, data):
+def test_cross_entropy_equals_pytorch(device, api, data):
     "label_smoothing_cross_entropy, LabelSmoothingCrossEntropy(Flat): value, shape and gradient of F.cross_entropy's"
     case = data.draw(logits_and_targets(any_axis=api == 'flat'), label='case')
     x, t, axis, eps, w, red, ii = (case[k] for k in ('x', 't', 'axis', 'eps', 'w', 'reduction', 'ignore_index'))
@@ -128,8 +137,9 @@ def test_cross_entropy_equals_pytorch(api, data):
     try: ref = _flat_ref(xd, tr, axis, **kw) if api == 'flat' else F.cross_entropy(xd, tr, **kw)
     except RuntimeError as e:                                      # ignore_index >= 0 with probabilities: both refuse
         assert 'ignore_index' in str(e)
-        for native in PATHS:
-            with use_native(native), pytest.raises(ValueError, match='ignore_index'): _ours(api, x, t, axis, eps, w, red, ii)
+        for native in _paths(device):
+            with use_native(native), pytest.raises(ValueError, match='ignore_index'):
+                _ours(api, _on(x, device), _on(t, device), axis, eps, _on(w, device), red, ii)
         return
     gout = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=cdt)
     gref, = torch.autograd.grad(ref, xd, gout) if x.numel() else (torch.zeros_like(xd),)
@@ -141,14 +151,16 @@ def test_cross_entropy_equals_pytorch(api, data):
         tt = t.reshape(-1); v = tt != ii
         den = (v.sum() if w is None else (w.double()[torch.where(v, tt, 0)] * v).sum()).item() or 1.
     gscale = 2 * (1 + (0 if w is None else w.max().item())) * gout.abs().max().item() / den if gout.numel() else 1.
-    for native in PATHS:
+    for native in _paths(device):
         with use_native(native):
-            xo = x.clone().requires_grad_()
-            ours = _ours(api, xo, t, axis, eps, w, red, ii)
-            what = f"{'kernel' if native else 'PyTorch-op path'}, {api}"
+            xo = x.to(device, copy=True).requires_grad_()
+            ours = _ours(api, xo, _on(t, device), axis, eps, _on(w, device), red, ii)
+            what = f"{'kernel' if native else 'PyTorch-op path'} on {device}, {api}"
             if native: event(f"kernel path: {'the C kernel ran' if _ran_kernel(ours) else 'fell back to PyTorch ops'}")
-            assert_same(ours, ref, VALUE_TOL[dt] * vscale, VALUE_TOL[dt], f"{what}: value")
-            go, = torch.autograd.grad(ours, xo, gout.to(ours.dtype)) if x.numel() else (torch.zeros_like(xo),)
+            assert ours.device.type == device, f"{what}: result on {ours.device}"
+            assert_same(ours.cpu(), ref, VALUE_TOL[dt] * vscale, VALUE_TOL[dt], f"{what}: value")
+            go, = torch.autograd.grad(ours, xo, gout.to(device, ours.dtype)) if x.numel() else (torch.zeros_like(xo),)
+            go = go.cpu()
             assert go.dtype == x.dtype, f"{what}: gradient dtype {go.dtype}"
             assert_same(go, gref, VALUE_TOL[dt] * gscale, GRAD_RTOL[dt], f"{what}: gradient")
 
@@ -165,8 +177,9 @@ MIXED_LOSSES = {
     'partial(F.cross_entropy)': lambda eps, w, red, ii: partial(F.cross_entropy, weight=w, ignore_index=ii, reduction=red, label_smoothing=eps),
 }
 
+@DEVICES
 @given(kind=st.sampled_from(list(MIXED_LOSSES)), data=st.data())
-def test_mixed_loss_equals_pytorch(kind, data):
+def test_mixed_loss_equals_pytorch(device, kind, data):
     "mixed_loss: lam*CE(y1) + (1-lam)*CE(y2) per item with F.cross_entropy, reduced as the loss reduces (mean over items)"
     case = data.draw(logits_and_targets(any_axis=False, batched=True, probs=False), label='case')
     x, t1, eps, w, red, ii, C = (case[k] for k in ('x', 't', 'eps', 'w', 'reduction', 'ignore_index', 'C'))
@@ -190,21 +203,24 @@ def test_mixed_loss_equals_pytorch(kind, data):
     k = per.shape[1]
     vscale = _scale(x.movedim(1, -1), w) * (max(1, n * k) if red == 'sum' else 1)
     gscale = 2 * (1 + (0 if w is None else w.max().item())) * gout.abs().max().item() / (max(1, n * k) if red == 'mean' else 1) if gout.numel() else 1.
-    for native in PATHS:
+    for native in _paths(device):
         with use_native(native):
-            xo = x.clone().requires_grad_()
-            ours = mixed_loss(MIXED_LOSSES[kind](eps, w, red, ii), xo, (t1,), (t2,), lam.to(cdt))
-            what = f"{'kernel' if native else 'PyTorch-op path'}, {kind}"
+            xo = x.to(device, copy=True).requires_grad_()
+            ours = mixed_loss(MIXED_LOSSES[kind](eps, _on(w, device), red, ii), xo, (t1.to(device),), (t2.to(device),),
+                              lam.to(device, cdt))
+            what = f"{'kernel' if native else 'PyTorch-op path'} on {device}, {kind}"
             if native: event(f"kernel path: {'the C kernel ran' if _ran_kernel(ours) else 'fell back to PyTorch ops'}")
+            assert ours.device.type == device, f"{what}: result on {ours.device}"
             # 0 * inf: lam * CE(y1) + (1 - lam) * CE(y2) with one CE infinite is NaN when lam is 0 or 1 and inf otherwise,
             # while one pass gives inf; what must agree is where the loss is finite
-            assert_same(ours, ref, VALUE_TOL[dt] * vscale, VALUE_TOL[dt], f"{what}: value", strict=False)
-            go, = torch.autograd.grad(ours, xo, gout.to(ours.dtype)) if x.numel() else (torch.zeros_like(xo),)
-            assert_same(go, gref, VALUE_TOL[dt] * gscale, GRAD_RTOL[dt], f"{what}: gradient", strict=False)
+            assert_same(ours.cpu(), ref, VALUE_TOL[dt] * vscale, VALUE_TOL[dt], f"{what}: value", strict=False)
+            go, = torch.autograd.grad(ours, xo, gout.to(device, ours.dtype)) if x.numel() else (torch.zeros_like(xo),)
+            assert_same(go.cpu(), gref, VALUE_TOL[dt] * gscale, GRAD_RTOL[dt], f"{what}: gradient", strict=False)
 
+@DEVICES
 @settings(max_examples=max(20, settings.default.max_examples // 2))
 @given(api=st.sampled_from(['function', 'flat', 'mixed']), data=st.data())
-def test_second_derivatives_equal_pytorch(api, data):
+def test_second_derivatives_equal_pytorch(device, api, data):
     "The gradient under create_graph=True and Hessian-vector products, in float64, equal F.cross_entropy's on both paths"
     case = data.draw(logits_and_targets(any_axis=api == 'flat', batched=api == 'mixed', probs=False, finite=True), label='case')
     x, t, axis, eps, w, red, ii = (case[k] for k in ('x', 't', 'axis', 'eps', 'w', 'reduction', 'ignore_index'))
@@ -221,21 +237,22 @@ def test_second_derivatives_equal_pytorch(api, data):
         per = per.reshape(x.shape[0], math.prod(per.shape[1:]))
         return per.mean() if red == 'mean' else per.sum() if red == 'sum' else per.squeeze(1)
     def our_loss(x):
-        if api == 'flat': return LabelSmoothingCrossEntropyFlat(axis=axis, eps=eps, weight=w, reduction=red, ignore_index=ii)(x, t)
-        if api == 'function': return label_smoothing_cross_entropy(x, t, eps, w, red, ii)
-        return mixed_loss(LabelSmoothingCrossEntropy(eps, w, red, ii), x, (t,), (t.flip(0),), lam)
-    def hvp(f):
-        "The gradient computed with create_graph=True, and the Hessian times a fixed vector"
-        xr = x.clone().requires_grad_()
+        td,wd = t.to(x.device),_on(w, x.device)
+        if api == 'flat': return LabelSmoothingCrossEntropyFlat(axis=axis, eps=eps, weight=wd, reduction=red, ignore_index=ii)(x, td)
+        if api == 'function': return label_smoothing_cross_entropy(x, td, eps, wd, red, ii)
+        return mixed_loss(LabelSmoothingCrossEntropy(eps, wd, red, ii), x, (td,), (td.flip(0),), lam.to(x.device))
+    def hvp(f, dev='cpu'):
+        "The gradient computed with create_graph=True, and the Hessian times a fixed vector (on the CPU)"
+        xr = x.to(dev, copy=True).requires_grad_()
         out = f(xr)
-        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dev)
         gr, = torch.autograd.grad(out, xr, gout, create_graph=True)
-        v = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        v = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dev)
         h = torch.autograd.grad((gr * v).sum(), xr, allow_unused=True)[0] if gr.requires_grad else None
-        return gr.detach(), torch.zeros_like(x) if h is None else h
+        return gr.detach().cpu(), torch.zeros_like(x) if h is None else h.cpu()
     refs = hvp(ref_loss)
-    for native in PATHS:
+    for native in _paths(device):
         with use_native(native):
-            for ours, ref, what in zip(hvp(our_loss), refs, ('gradient under create_graph', 'Hessian-vector product')):
+            for ours, ref, what in zip(hvp(our_loss, device), refs, ('gradient under create_graph', 'Hessian-vector product')):
                 big = ref[torch.isfinite(ref)].abs().max().item() if torch.isfinite(ref).any() else 0.
-                assert_same(ours, ref, 1e-9 * (1 + big), 1e-9, f"{'kernel' if native else 'PyTorch-op path'}, {api}: {what}")
+                assert_same(ours, ref, 1e-9 * (1 + big), 1e-9, f"{'kernel' if native else 'PyTorch-op path'} on {device}, {api}: {what}")

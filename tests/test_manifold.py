@@ -13,7 +13,8 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (patches Learner)
 from fastai.data.core import Datasets, DataLoaders
-from fastai.learner import Learner
+from fastai.learner import Learner, CastToTensor
+from fastai.callback.fp16 import MixedPrecision  # noqa: F401 (patches Learner.to_fp16)
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.tabular.data import TabularDataLoaders
@@ -25,7 +26,7 @@ from fastai.torch_core import set_seed, TensorImage, TensorCategory
 from fastai.vision.learner import vision_learner
 from torchvision.models import resnet18
 
-from fastai_regularize.manifold import ManifoldMixUp, manifold_layers, _mix_hidden
+from fastai_regularize.manifold import ManifoldMixUp, manifold_layers, _mix_hidden, _ArmOnUnpack
 from fastai_regularize.losses import LabelSmoothingCrossEntropyFlat
 
 torch.set_flush_denormal(True)
@@ -226,6 +227,47 @@ def test_xresnet_and_torchvision_resnet_defaults():
     nn.Module.__init__(ddp_like); ddp_like.module = resnet18()
     assert manifold_layers(ddp_like)[0] == ('module.layer1', 'output')
 
+TIMM = {'resnet10t': ({}, ['layer1', 'layer2', 'layer3']),
+        'convnext_atto': ({}, ['stages.0', 'stages.1', 'stages.2']),
+        'efficientnet_b0': ({}, ['blocks.0', 'blocks.1', 'blocks.2', 'blocks.4']),
+        'vit_tiny_patch16_224': ({'img_size': 32}, [f'blocks.{i}' for i in range(11)])}
+
+@pytest.fixture(scope='module')
+def img32_dls():
+    "16 training and 8 validation 3×32×32 images (a ConvNeXt's stride 32 needs 32 pixels), class c brighter in channel c"
+    g = torch.Generator().manual_seed(1)
+    def items(n):
+        x,y = torch.rand(n, 3, 32, 32, generator=g),torch.arange(n) % 3
+        x[torch.arange(n), y] += 0.5
+        return [(TensorImage(x[i]), TensorCategory(y[i])) for i in range(n)]
+    set_seed(0)
+    return DataLoaders.from_dsets(items(16), items(8), bs=8, device='cpu')
+
+@pytest.mark.parametrize('arch', list(TIMM))
+def test_timm_bodies(img32_dls, arch):
+    "vision_learner on a timm name: the stages timm names in `feature_info` but the last are mixed, each as a hand computation gives"
+    pytest.importorskip('timm')
+    kw,stages = TIMM[arch]
+    set_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # timm's deprecation notices
+        learn = vision_learner(img32_dls, arch, pretrained=False, n_out=3, loss_func=CrossEntropyLossFlat(),
+                               cbs=ManifoldMixUp(), **kw)
+    learn.remove_cb(ProgressCallback)
+    layers = manifold_layers(learn.model)
+    assert layers == [(f'0.model.{n}', 'output') for n in stages]
+    check = Check({n: ('output', _again) for n,_ in layers})
+    learn.fit(1, 1e-3, cbs=check)
+    assert len(check.checked) == 2 and _finite(learn) and _no_hooks(learn.model)
+    assert manifold_layers(learn.model[0].model) == [(n, 'output') for n in stages]   # the timm model alone
+
+def test_transformer_without_feature_info():
+    "A timm model that names no stages: its transformer `blocks` but the last"
+    timm = pytest.importorskip('timm')
+    m = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, depth=3)
+    del m.feature_info
+    assert manifold_layers(m) == [('blocks.0', 'output'), ('blocks.1', 'output')]
+
 # ================================================================ 2. faults leave the model exactly as it was
 class Boom(Callback):
     "Raise `exc` the first time `event` fires (in training for the batch events, in validation for 'valid_before_batch')"
@@ -256,18 +298,37 @@ def _same_as_unhooked_copy(learn, dls):
 def _tab_args(m):
     return ([(e.num_embeddings, e.embedding_dim) for e in m.embeds], m.n_cont, m.layers[-1][0].out_features, [32, 16])
 
-@pytest.mark.parametrize('order', [-6, 0], ids=['before', 'after'])
+# where the interrupting callback runs among the callbacks of a learner with `to_fp16()`: before ManifoldMixUp (-5),
+# between it and fastai's CastToTensor (9, which rebuilds `learn.xb` in before_batch), between CastToTensor and
+# MixedPrecision (10, which enters autocast in before_batch and leaves it in after_loss), after MixedPrecision
+ORDERS = {'before_ours': -6, 'before_CastToTensor': 0, 'after_CastToTensor': 9.5, 'after_MixedPrecision': 11}
+
+def _close_autocast(learn, event, order):
+    "Leave the autocast fastai's MixedPrecision entered in before_batch and an interrupt kept it from leaving (its own leak)"
+    mp = learn.mixed_precision
+    left_open = (event == 'before_batch' and order > mp.order) or event == 'after_pred' or (event == 'after_loss' and order < mp.order)
+    if left_open and mp.autocast is not None: mp.autocast.__exit__(None, None, None)
+
+@pytest.mark.parametrize('order', list(ORDERS.values()), ids=list(ORDERS))
 @pytest.mark.parametrize('event', EVENTS)
 def test_keyboard_interrupt_at_every_event(tab_dls, event, order):
+    "No hook of ours stays on the model after a KeyboardInterrupt at any training event, from a callback of any order"
     lf = CrossEntropyLossFlat()
     mm = ManifoldMixUp()
     learn = _tab_learner(tab_dls, [mm, Boom(event, KeyboardInterrupt, order)], loss_func=lf)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # to_fp16 warns that it has no GPU here
+        learn.to_fp16()
+    assert any(isinstance(c, CastToTensor) for c in learn.cbs)
     model,cbs = learn.model,list(learn.cbs)
-    with pytest.raises(KeyboardInterrupt, match='injected'): learn.fit(1)
-    assert learn.boom.fired
-    assert _no_hooks(model) and learn.model is model and _same_as_unhooked_copy(learn, tab_dls)
-    assert learn.loss_func is lf and list(learn.cbs) == cbs
-    learn.fit(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        with pytest.raises(KeyboardInterrupt, match='injected'): learn.fit(1)
+        _close_autocast(learn, event, order)
+        assert learn.boom.fired
+        assert _no_hooks(model) and learn.model is model and _same_as_unhooked_copy(learn, tab_dls)
+        assert learn.loss_func is lf and list(learn.cbs) == cbs
+        learn.fit(1)
     assert _finite(learn) and _no_hooks(model) and _same_as_unhooked_copy(learn, tab_dls)
 
 class Raiser(nn.Module):
@@ -306,6 +367,68 @@ def test_keyboard_interrupt_inside_the_forward_pass_leaves_inert_hooks(tab_dls):
         torch.testing.assert_close(model.layers(h), ref)      # the hooked layer called alone: not mixed
         torch.testing.assert_close(model(cats, conts), ref)   # the whole model: not mixed, and the hooks go
     assert _no_hooks(model)
+
+def test_only_the_learners_model_call_arms():
+    "Looping over, copying or unpacking the wrapped inputs anywhere but in a method of the learner registers nothing"
+    calls = []
+    class Owner:
+        def __init__(self, xb): self.xb = xb
+        def forward(self): return (lambda *a: a)(*self.xb)
+        def read(self):
+            out = []
+            for x in self.xb: out.append(x)
+            return out, tuple(self.xb), [*self.xb]
+    a,b = torch.zeros(2),torch.ones(2)
+    owner = Owner(None)
+    w = _ArmOnUnpack((a, b), lambda: calls.append(1), owner)
+    for _ in w: pass
+    assert list(w) == [a, b] and tuple(w) == (a, b) and [*w] == [a, b] and (*w,) == (a, b)
+    assert (lambda *t: t)(*w) == (a, b)                      # unpacked into a call, but not by the learner
+    assert Owner(w).forward() == (a, b) and calls == []      # by another object's method
+    owner.xb = w
+    assert owner.read() == ([a, b], (a, b), [a, b]) and calls == []   # the learner looping over or copying them
+    assert owner.forward() == (a, b) and calls == [1]        # the learner's own call: armed, once
+    assert owner.forward() == (a, b) and calls == [1]
+
+class Loop(Callback):
+    "Loops over and copies `learn.xb` in before_batch, as a logging callback might, without replacing it"
+    order = 9.5
+    def before_batch(self):
+        if self.training: self.shapes = [x.shape for x in self.xb] + [t.shape for t in list(self.xb)]
+
+def test_callback_looping_over_the_inputs_arms_nothing(tab_dls):
+    "After CastToTensor, a callback reads the inputs and a later one interrupts: no hook; without the interrupt, every batch is mixed"
+    learn = _tab_learner(tab_dls, [ManifoldMixUp(), Loop(), Boom('before_batch', KeyboardInterrupt, 11)])
+    with pytest.raises(KeyboardInterrupt, match='injected'): learn.fit(1)
+    assert _no_hooks(learn.model)
+    learn.remove_cb(learn.boom)
+    layers = manifold_layers(learn.model)
+    check = Check({'layers': ('input', _tab_layers_input), 'layers.0': ('output', _again), 'layers.1': ('output', _again)})
+    m_tab[0] = learn.model
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no "did not mix a batch"
+        learn.fit(1, cbs=check)
+    assert len(check.checked) == len(tab_dls.train) and set(check.checked) <= {n for n,_ in layers}
+    assert _no_hooks(learn.model) and type(learn.xb) is tuple
+
+def test_the_model_gets_the_inputs_castToTensor_gives_it(img_dls):
+    "The wrapper stands in for fastai's CastToTensor: the model and later events get plain tensors, as without ManifoldMixUp"
+    class Types(Callback):
+        order = 50
+        def before_fit(self):
+            self.seen,self.after = [],[]
+            self.h = self.learn.model.register_forward_pre_hook(lambda m, args: self.seen.append(type(args[0])))
+        def after_pred(self):
+            if self.training: self.after.append(type(self.xb[0]))
+        def after_fit(self): self.h.remove()
+    set_seed(0)
+    learn = vision_learner(img_dls, resnet18, pretrained=False, n_out=3, loss_func=CrossEntropyLossFlat(),
+                           cbs=[ManifoldMixUp(mix_input=False), Types()])
+    learn.remove_cb(ProgressCallback)
+    assert type(img_dls.one_batch()[0]) is TensorImage
+    learn.fit(1)
+    assert learn.types.seen and set(learn.types.seen) == {torch.Tensor} and set(learn.types.after) == {torch.Tensor}
+    assert _no_hooks(learn.model)
 
 # ================================================================ 3. arguments and models it cannot mix
 def test_module_not_in_model(tab_dls):

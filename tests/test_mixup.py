@@ -1,15 +1,20 @@
 "MixUp / CutMix in a Learner: each kind of loss, batch of one, restoration after errors, validation untouched."
+import math
 from functools import partial
+
+import numpy as np
 
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.data.core import Datasets
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, BCEWithLogitsLossFlat
+from fastai.torch_core import set_seed
+from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (patches Learner)
 
 from fastai_regularize.activations import BaseSoftmax, no_activation, softmax_base
 from fastai_regularize.losses import LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat, LabelSmoothingBCEWithLogitsLossFlat
-from fastai_regularize.mixup import MixUp, CutMix
+from fastai_regularize.mixup import MixUp, CutMix, RegMixUp
 
 N_TRAIN, N_VALID, C = 48, 16, 3
 
@@ -161,7 +166,7 @@ def test_no_reduction_loss_gets_clear_error_and_learner_untouched():
     learn.remove_cb(learn.mix_up)
     learn.fit(1)
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='host-device syncs exist only with a GPU')
+@pytest.mark.gpu  # host-device syncs exist only with a GPU
 def test_no_host_device_sync_per_batch():
     "MixUp's batch work and the one-pass mixed loss run with CUDA's sync debug mode set to raise"
     from fastai_regularize.losses import mixed_loss
@@ -173,3 +178,90 @@ def test_no_host_device_sync_per_batch():
             _,_,(y2,lam) = cb.mix((x,), (y,))
             mixed_loss(LabelSmoothingCrossEntropyFlat(), pred, (y,), y2, lam).backward()
     finally: torch.cuda.set_sync_debug_mode('default')
+
+# ---------------------------------------------------------------- a table with continuous columns only
+@pytest.fixture(scope='module')
+def cont_table():
+    "The digits as 64 pixel columns, without `digits_table()`'s categorical columns, and the same rows with them"
+    from fastai.data.block import CategoryBlock
+    from fastai.tabular.core import Categorify, Normalize
+    from fastai.tabular.data import TabularDataLoaders
+    from fastai_regularize.data import digits_table, DIGITS_CAT_NAMES
+    df = digits_table()
+    pixels = [c for c in df.columns if c.startswith('pixel_')]
+    valid_idx = np.random.default_rng(0).permutation(len(df))[:360].tolist()
+    kw = dict(cont_names=pixels, y_names='label', y_block=CategoryBlock(), valid_idx=valid_idx, bs=64, device='cpu')
+    set_seed(0)
+    cont = TabularDataLoaders.from_df(df.drop(columns=list(DIGITS_CAT_NAMES)), procs=[Normalize], **kw)
+    with_cats = TabularDataLoaders.from_df(df, procs=[Categorify, Normalize], cat_names=list(DIGITS_CAT_NAMES), **kw)
+    return cont, with_cats
+
+def _match_shift(out, x, lam):
+    "The shift k with out[i] = λ[i]·x[i] + (1-λ[i])·x[(i+k) % n] for every item, found by trying each; None if none fits"
+    w = lam.double().view(-1, 1)
+    for k in range(1, x.shape[0]):
+        if torch.allclose(out.double(), w * x.double() + (1 - w) * x.double().roll(-k, 0), atol=1e-5): return k
+    return None
+
+@pytest.mark.parametrize('make', [MixUp, lambda: MixUp(label='dominant'), RegMixUp, lambda: RegMixUp(label='dominant')],
+                         ids=['MixUp', 'MixUp-dominant', 'RegMixUp', 'RegMixUp-dominant'])
+def test_continuous_only_table_trains(cont_table, make):
+    "fastai's empty (N, 0) int64 category codes pass through; the pixel columns are λ·x + (1-λ)·x[(i+k) % n], by hand"
+    from fastai.tabular.learner import tabular_learner
+    from fastai.metrics import accuracy
+    from fastai.callback.progress import ProgressCallback
+    dls,_ = cont_table
+    cb = make()
+    class Look(Callback):
+        "Runs after the mixing callback: the batch the model gets, against the one the loader gave"
+        order = cb.order + 1
+        def before_fit(self): self.n = 0
+        def before_batch(self):
+            if not self.training: return
+            cats,conts = self.xb
+            assert cats.shape[1] == 0 and cats.dtype == torch.int64
+            raw_cats,raw_conts = self.look_raw.raw
+            n = raw_conts.shape[0]
+            assert cats.shape[0] == conts.shape[0] == (2 * n if isinstance(cb, RegMixUp) else n)
+            if isinstance(cb, RegMixUp): assert torch.equal(conts[:n], raw_conts); conts = conts[n:]
+            p = cb._pending if not isinstance(cb, RegMixUp) else cb._reg[2]
+            if cb.label == 'mixed':
+                lam = p[1]
+            else:  # no λ is kept in the dominant mode: the item's own target is the label (λ >= 1/2)
+                assert p is None
+                lam = None
+            if lam is not None: assert _match_shift(conts, raw_conts, lam) is not None, 'pixels not mixed as λ·x + (1-λ)·x[(i+k) % n]'
+            else: assert not torch.equal(conts, raw_conts)
+            self.n += 1
+    class LookRaw(Callback):
+        order = cb.order - 1
+        def before_batch(self):
+            if self.training: self.raw = tuple(t.clone() for t in self.xb)
+    set_seed(0)
+    learn = tabular_learner(dls, layers=[64], metrics=accuracy, cbs=[cb, Look(), LookRaw()])
+    learn.remove_cb(ProgressCallback)
+    learn.fit_one_cycle(3, 1e-2)
+    assert learn.look.n == 3 * len(dls.train)
+    assert all(math.isfinite(float(l)) for l in learn.recorder.losses)
+    acc = learn.recorder.values[-1][2]
+    assert acc > 0.85, f'accuracy {acc:.3f} (chance 0.1)'
+
+def test_nonempty_codes_still_refused(cont_table):
+    "A table with categorical columns, and token ids: refused with a pointer to ManifoldMixUp, whatever the empty inputs"
+    _,dls = cont_table
+    cats,conts,y = dls.one_batch()
+    assert cats.shape[1] == 2 and cats.dtype == torch.int64
+    for cb in (MixUp(), RegMixUp(), MixUp(label='dominant')):
+        with pytest.raises(TypeError, match=r"`xb\[0\]` is torch.int64.*ManifoldMixUp"): cb.mix((cats, conts), (y,))
+    toks,empty = torch.randint(0, 50, (8, 12)),torch.zeros(8, 0)
+    with pytest.raises(TypeError, match=r"`xb\[1\]` is torch.int64"): MixUp().mix((empty, toks), (torch.arange(8),))
+
+def test_empty_inputs_pass_through_unchanged():
+    "Empty inputs of any dtype are returned as they are; the float ones beside them are mixed"
+    torch.manual_seed(0)
+    x,y = torch.randn(8, 5),torch.arange(8)
+    for empty in (torch.zeros(8, 0, dtype=torch.int64), torch.zeros(8, 0)):
+        (e2,x2),_,(y2,lam) = MixUp().mix((empty, x), (y,))
+        assert e2 is empty and _match_shift(x2, x, lam) is not None
+    with pytest.raises(TypeError, match=r"CutMix pastes boxes into images.*`xb\[1\]` has shape \(8, 5\)"):
+        CutMix().mix((torch.zeros(8, 0, dtype=torch.int64), x), (y,))

@@ -285,7 +285,7 @@ def test_targets_on_the_inputs_device_after_mixing():
     _,yb,(yb2,lam) = MixUp(0.4).mix((x,), (y,))
     assert yb[0].device == yb2[0].device == lam.device == x.device
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.gpu
 def test_targets_on_another_device_cuda():
     "Logits on CUDA, targets on CPU: the plain loss raises like F.cross_entropy; MixUp's mixed loss moves them"
     z = torch.randn(6, N_CLS, device='cuda')

@@ -64,7 +64,7 @@ def test_timm_arch(dls):
     err = check_learner(learn, dls, lf)
     assert err < 0.8, f'error rate {err:.3f}: not learning (chance is 0.9)'
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='half precision is real only on a GPU')
+@pytest.mark.gpu  # half precision is real only on a GPU
 def test_fp16_is_real_on_gpu(dls):
     set_seed(42, reproducible=True)
     learn = vision_learner(dls, resnet18, pretrained=False, loss_func=LabelSmoothingCrossEntropyFlat(),
