@@ -6,7 +6,7 @@
 __all__ = []
 
 # %% ../nbs/07_all.ipynb #f51c7c87
-from . import core, activations, native, losses, mixup, manifold, calibration_metrics, calibration, conformal, data, experiment, distributed
+from . import core, activations, native, losses, mixup, manifold, calibration_metrics, calibration, conformal, data, experiment, distributed, safe
 from .core import *
 from .activations import *
 from .native import *
@@ -19,6 +19,7 @@ from .conformal import *
 from .data import *
 from .experiment import *
 from .distributed import *
+from .safe import *
 
 # %% ../nbs/07_all.ipynb #8d436a28
-__all__ = [n for m in (core, activations, native, losses, mixup, manifold, calibration_metrics, calibration, conformal, data, experiment, distributed) for n in m.__all__]
+__all__ = [n for m in (core, activations, native, losses, mixup, manifold, calibration_metrics, calibration, conformal, data, experiment, distributed, safe) for n in m.__all__]

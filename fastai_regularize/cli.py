@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_cli.ipynb #d7dd8b69
 from __future__ import annotations
-import argparse, contextlib, inspect, sys, warnings
+import argparse, contextlib, dataclasses, inspect, os, stat, sys, warnings
 from collections import Counter
 from pathlib import Path
 
@@ -16,9 +16,11 @@ from fastcore.script import store_true, anno_parser
 
 from .core import check_number, check_int
 from .data import DataError, DataWarning, digits_folder, image_folder_dls, get_test_images
+from .safe import ModelFileError, PickleWarning, MODEL_SUFFIXES, resolve_arch as _resolve_arch
 
 # %% auto #0
-__all__ = ['PROG', 'COMMANDS', 'USAGE', 'UsageError', 'resolve_arch', 'image_task', 'predict_files', 'write_submission', 'fit',
+__all__ = ['PROG', 'COMMANDS', 'USAGE', 'UsageError', 'resolve_arch', 'image_task', 'read_sample_submission', 'predict_files',
+           'write_submission', 'export_kind', 'export_learner', 'load_model', 'check_dest', 'check_fit_paths', 'fit',
            'predict', 'compare', 'kaggle_dataset', 'main']
 
 # %% ../nbs/06_cli.ipynb #bf65ba42
@@ -45,19 +47,9 @@ def _check_int(name:str, value, lo:int=1)->int:
 # %% ../nbs/06_cli.ipynb #99ab8611
 def resolve_arch(name:str, # Model name: fastai, torchvision or timm
                 ):
-    "The `arch` `vision_learner` takes for `name`: a fastai/torchvision model function, or the timm name itself"
-    if not isinstance(name, str) or not name: raise UsageError(f"`--arch` must be a model name, got {name!r}")
-    from fastai.vision import models as fv_models
-    import torchvision.models as tv_models
-    if not name.startswith('_'):
-        if name in tv_models.list_models(module=tv_models): return getattr(tv_models, name)
-        f = getattr(fv_models, name, None)
-        if callable(f) and not isinstance(f, type) and name.startswith('xres'): return f
-    try: import timm
-    except ImportError: timm = None
-    if timm is not None and timm.is_model(name): return name
-    raise UsageError(f"unknown --arch {name!r}: not a fastai/torchvision model (e.g. resnet18, resnet34, xresnet18)"
-                     + (" nor a timm model (e.g. resnet10t)" if timm is not None else "; timm is not installed"))
+    "The `arch` `vision_learner` takes for `name` (`fastai_regularize.safe.resolve_arch`); a bad name is a `UsageError`"
+    try: return _resolve_arch(name, '--arch')
+    except ValueError as e: raise UsageError(str(e)) from None
 
 # %% ../nbs/06_cli.ipynb #b5bbfd87
 def image_task(path:str|Path|None=None, # `<label>/` folders, or `train/` and `valid/` holding them; None: the digits
@@ -83,6 +75,33 @@ def image_task(path:str|Path|None=None, # `<label>/` folders, or `train/` and `v
         return learn
     where = 'digits' if path is None else str(data.resolve())
     return Task(make_dls, make_learner, dict(data=where, arch=name, size=size, bs=bs, split_seed=split_seed))
+
+# %% ../nbs/06_cli.ipynb #c1941b4f
+def _names_list(names:list, n:int=10)->str: return ', '.join(names[:n]) + (' ...' if len(names) > n else '')
+
+def read_sample_submission(sample:str|Path, # Kaggle sample_submission.csv
+                           names=None, # File names in the test folder, each listed id must be one; None: not checked
+                          )->tuple:
+    "`(DataFrame, id column, label column)` of a sample submission, read with pandas and checked; else `UsageError`"
+    import pandas as pd
+    sample = Path(sample)
+    if not sample.is_file(): raise UsageError(f"sample submission {sample} does not exist" if not sample.exists() else f"sample submission {sample} is not a file")
+    try: df = pd.read_csv(sample, dtype=str, keep_default_na=False)
+    except (ValueError, OSError) as e:  # pandas' EmptyDataError and ParserError, UnicodeDecodeError are ValueErrors
+        raise UsageError(f"sample submission {sample} is not a readable CSV ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    id_col = 'image_id' if 'image_id' in df.columns else df.columns[0]
+    others = [c for c in df.columns if c != id_col]
+    lbl_col = 'label' if 'label' in others else others[0] if len(others) == 1 else None
+    if lbl_col is None:
+        raise UsageError(f"sample submission {sample}: cannot tell the label column among {others} (id column {id_col!r}; "
+                         f"name the label column 'label')")
+    if len(df) == 0: raise UsageError(f"sample submission {sample} has no rows")
+    if names is not None:
+        names = set(names)
+        missing = [i for i in df[id_col] if i not in names]
+        if missing:
+            raise UsageError(f"{len(missing)} image(s) listed in {sample.name} (column {id_col!r}) are not in the test folder: {_names_list(missing)}")
+    return df,id_col,lbl_col
 
 # %% ../nbs/06_cli.ipynb #a8b105f7
 def predict_files(learn, # A trained or loaded `Learner`
@@ -113,18 +132,7 @@ def write_submission(names:list, # Image file names (`image_id`s)
     if extra and sample is not None: raise UsageError("extra columns cannot go into a sample submission's fixed columns")
     if sample is None: df = pd.DataFrame({'image_id': list(names), 'label': list(labels), **(extra or {})})
     else:
-        sample = Path(sample)
-        if not sample.is_file(): raise UsageError(f"sample submission {sample} does not exist")
-        df = pd.read_csv(sample, dtype=str, keep_default_na=False)
-        id_col = 'image_id' if 'image_id' in df.columns else df.columns[0]
-        others = [c for c in df.columns if c != id_col]
-        lbl_col = 'label' if 'label' in others else others[0] if len(others) == 1 else None
-        if lbl_col is None: raise UsageError(f"sample submission {sample}: cannot tell the label column among {others}")
-        bad = set(unreadable)
-        missing = [i for i in df[id_col] if i not in pred and i not in bad]
-        if missing:
-            raise UsageError(f"{len(missing)} image(s) listed in {sample.name} are not in the test folder: "
-                             + ', '.join(missing[:10]) + (' ...' if len(missing) > 10 else ''))
+        df,id_col,lbl_col = read_sample_submission(sample, names=set(pred) | set(unreadable))
         filled = [i for i in df[id_col] if i not in pred]
         if filled:
             warnings.warn(f"{len(filled)} unreadable test image(s) got the most frequent class {fill_label!r}: {', '.join(filled)}", DataWarning)
@@ -133,6 +141,86 @@ def write_submission(names:list, # Image file names (`image_id`s)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     return df
+
+# %% ../nbs/06_cli.ipynb #697b0bde
+def export_kind(fn:str|Path, # A model file's name
+                what:str='--export', # The option or argument, quoted in the message
+               )->str:
+    "'safetensors' or 'pkl', from the suffix of `fn`; any other suffix is a `UsageError`"
+    suf = Path(fn).suffix
+    if suf not in MODEL_SUFFIXES:
+        raise UsageError(f"{what} {str(fn)!r} must end in .safetensors (a safe bundle: weights and JSON, no pickle) or .pkl "
+                         f"(fastai's learn.export, a pickle, which runs code when loaded)")
+    return suf[1:]
+
+def export_learner(learn, # A trained `Learner` (training-only callbacks removed)
+                   fn:str|Path, # `.safetensors` (a safe bundle) or `.pkl` (fastai's pickle)
+                  ):
+    "Save `learn` to `fn` in the format its suffix names"
+    from fastai_regularize.safe import export_safe
+    fn = Path(fn)
+    if export_kind(fn) == 'safetensors':
+        try: export_safe(learn, fn)
+        except (ValueError, TypeError) as e: raise UsageError(f"--export {fn}: {e}") from None
+        return
+    fn.parent.mkdir(parents=True, exist_ok=True)
+    learn.export(fn.absolute())
+    os.chmod(fn, stat.S_IMODE(os.stat(fn).st_mode) & ~0o022)   # `predict` refuses a pickle others can write
+
+def load_model(model:str|Path, # `.safetensors` bundle or `.pkl` pickle
+               trust:bool=False, # Load a pickle even if another user owns it or others can write it
+              ):
+    "The `Learner` in `model`: a bundle read as data, or a pickle behind `load_pickle`'s checks and warning"
+    from fastai_regularize.safe import load_safe, load_pickle
+    model = Path(model)
+    kind = export_kind(model, 'model')
+    if not model.exists(): raise UsageError(f"model {model} does not exist")
+    return load_safe(model) if kind == 'safetensors' else load_pickle(model, trust=trust)
+
+# %% ../nbs/06_cli.ipynb #309a2d6e
+def check_dest(fn:str|Path, # File (or, with `folder`, folder) the command will write
+               what:str, # The option, quoted in the message
+               folder:bool=False, # `fn` is a folder the command writes into
+              )->Path:
+    "`fn` as a `Path` if the command can write it (the nearest existing folder above it is writable); else `UsageError`"
+    p = Path(fn)
+    if p.exists() and p.is_dir() != folder: raise UsageError(f"{what} {p} is a {'folder' if p.is_dir() else 'file'}; give a {'folder' if folder else 'file name'}")
+    anc = p.absolute() if folder else p.absolute().parent
+    while not anc.exists(): anc = anc.parent
+    if not anc.is_dir(): raise UsageError(f"{what} {p}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK): raise UsageError(f"{what} {p}: cannot write in {anc}")
+    if p.exists() and not os.access(p, os.W_OK): raise UsageError(f"{what} {p} exists and cannot be written")
+    return p
+
+def _check_figure(fn:str|Path, what:str):
+    from matplotlib.backend_bases import FigureCanvasBase
+    ok = FigureCanvasBase.get_supported_filetypes()
+    if Path(fn).suffix.lower()[1:] not in ok: raise UsageError(f"{what} {str(fn)!r} must end in one of {', '.join('.' + k for k in sorted(ok))}")
+    check_dest(fn, what)
+
+def check_fit_paths(path:str|None, test_dir:str|None, sample_submission:str|None, submission:str, export:str|None,
+                    reliability:str|None)->tuple:
+    "`(test images, names of every file in the test folder)` once every path `fit` reads or writes is checked"
+    if path is not None and not Path(path).exists(): raise DataError(f"path {path} does not exist")
+    if path is not None and not Path(path).is_dir(): raise DataError(f"path {path} is not a folder")
+    if export is not None: export_kind(export); check_dest(export, '--export')
+    if reliability is not None: _check_figure(reliability, '--reliability')
+    if test_dir is None: return None,None
+    if not Path(test_dir).is_dir(): raise DataError(f"test folder {test_dir} does not exist")
+    check_dest(submission, '--submission')
+    names = [f.name for f in Path(test_dir).rglob('*') if f.is_file()]
+    if sample_submission is not None: read_sample_submission(sample_submission, names)
+    return get_test_images(test_dir),names
+
+def _exportable(task, fn:str):
+    "`task` whose learner is checked, as soon as it is built and before it trains, to be one a safe bundle can hold"
+    from fastai_regularize.safe import check_safe
+    def make_learner(dls, loss_func, cbs):
+        learn = task.make_learner(dls, loss_func, cbs)
+        try: check_safe(learn)                             # restores the random states it uses
+        except (ValueError, TypeError) as e: raise UsageError(f"--export {fn}: {e}") from None
+        return learn
+    return dataclasses.replace(task, make_learner=make_learner)
 
 # %% ../nbs/06_cli.ipynb #164bb3e9
 def _table(rows:dict)->str:
@@ -183,7 +271,7 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
         test_dir:str=None, # Folder of test images to predict with TTA
         sample_submission:str=None, # Kaggle sample_submission.csv whose label column to fill (needs --test-dir)
         submission:str='submission.csv', # CSV to write the test predictions to
-        export:str=None, # Save the trained learner here with learn.export
+        export:str=None, # Save the trained learner: x.safetensors (a safe bundle: weights and JSON, no pickle) or x.pkl (learn.export, a pickle)
         conformalize:store_true=False, # Store APS conformal scores of the validation set's TTA probabilities (after --calibrate) in the --export learner, for predict --sets
         seed:int=42, # Random seed (split, initialisation, order, TTA)
        ):
@@ -194,8 +282,9 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
     if conformalize and export is None: raise UsageError("--conformalize needs --export (predict --sets reads the exported learner)")
     resolve_arch(arch)
     epochs,lr,seed = _check_int('epochs', epochs),_check('lr', lr, lo=0, lo_open=True, hi=10),_check_int('seed', seed, 0)
-    test_files = get_test_images(test_dir) if test_dir is not None else None
+    test_files,all_names = check_fit_paths(path, test_dir, sample_submission, submission, export, reliability)
     task = image_task(path, arch, size, bs, split_seed=seed)
+    if export is not None and export_kind(export) == 'safetensors': task = _exportable(task, export)
     config = _fit_config(not no_ls, None if no_mixup and not cutmix else 'cutmix' if cutmix else 'mixup')
     bars = show_bars()
     learn = train_run(task, config, seed, epochs, lr, bars=bars)
@@ -214,15 +303,13 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
         print(f"conformal: APS scores of {pred.n} validation images (TTA) stored for predict --sets")
     if test_files is not None:
         with quiet(): labels = predict_files(learn, test_files, seed=seed)
-        all_names = [f.name for f in Path(test_dir).rglob('*') if f.is_file()]
         readable = {f.name for f in test_files}
         write_submission([f.name for f in test_files], labels, submission, sample_submission,
                          fill_label=_majority_label(learn.dls), unreadable=[n for n in all_names if n not in readable])
         print(f"wrote {len(labels)} predictions to {submission}")
     if export is not None:
-        Path(export).parent.mkdir(parents=True, exist_ok=True)
-        learn.export(Path(export).absolute())
-        print(f"exported the learner to {export}")
+        export_learner(learn, export)
+        print(f"exported the learner to {export}" + (" (a safe bundle)" if export_kind(export) == 'safetensors' else " (a pickle)"))
     return res
 
 # %% ../nbs/06_cli.ipynb #8185f1cc
@@ -251,21 +338,22 @@ def _set_columns(sets, probs, vocab:list)->dict:
     order = probs.argsort(1, descending=True).tolist()
     return {'set': [' '.join(vocab[c] for c in o if sets[i, c]) for i,o in enumerate(order)], 'set_size': sets.sum(1).tolist()}
 
-def predict(model:str, # Learner saved by `fit --export` (learn.export)
+def predict(model:str, # Model saved by `fit --export`: x.safetensors (a safe bundle) or x.pkl (a pickle: loading it runs its author's code)
             dir:str, # Folder of images to predict
             out:str='preds.csv', # CSV to write: image_id,label
             seed:int=42, # Seed of the TTA augmentations (use fit's to reproduce its submission)
             sets:float=None, # Also write each image's conformal prediction set at this coverage, e.g. 0.9 (needs fit --conformalize): columns set, set_size
+            trust:store_true=False, # Load a .pkl even if another user owns it or the group/others can write it
            ):
-    "Load an exported learner and write TTA predictions for a folder of images"
-    from fastai.learner import load_learner
+    "Write TTA predictions for a folder of images; a .safetensors model is data, a .pkl one runs its author's code when loaded"
     import fastai_regularize.activations  # noqa: F401 (a calibrated `default_act` applies)
     alpha = None if sets is None else _alpha_of(_check('sets', sets, lo=0, hi=1, lo_open=True, hi_open=True))
-    model = Path(model)
-    if not model.is_file(): raise UsageError(f"model {model} does not exist")
+    export_kind(model, 'model')
+    if not Path(model).exists(): raise UsageError(f"model {model} does not exist")
+    check_dest(out, '--out')
     files = get_test_images(dir)
-    learn = load_learner(model.absolute())
-    pred = None if alpha is None else _conformal_of(learn, model)
+    learn = load_model(model, trust=trust)
+    pred = None if alpha is None else _conformal_of(learn, Path(model))
     labels,probs = predict_files(learn, files, seed=seed, with_probs=True, tta=None if pred is None else pred.tta)
     extra = None if pred is None else _set_columns(pred.sets(probs, alpha), probs, [str(v) for v in learn.dls.vocab])
     write_submission([f.name for f in files], labels, out, extra=extra)
@@ -291,6 +379,8 @@ def compare(path:str=None, # Image folder as for fit (default: the digits)
     seeds,seed = _check_int('seeds', seeds),_check_int('seed', seed, 0)
     try: cfgs = get_configs(configs)
     except ValueError as e: raise UsageError(str(e)) from None
+    if path is not None and not Path(path).is_dir(): raise DataError(f"path {path} does not exist" if not Path(path).exists() else f"path {path} is not a folder")
+    check_dest(out, '--out', folder=True)
     task = image_task(path, arch, size, bs, split_seed=seed)
     try: return run_experiment(task, cfgs, list(range(seed, seed + seeds)), epochs, lr, out, fresh=fresh)
     except SettingsMismatch as e: raise UsageError(str(e)) from None
@@ -357,12 +447,12 @@ def main(argv:list|None=None, # Arguments after the program name; None: `sys.arg
     def _error(msg): raise UsageError(msg)
     p.error = _error  # one line, not argparse's usage + error
     show = warnings.showwarning
-    warnings.showwarning = lambda m,c,*a,**k: (_show_data_warning(m, c, *a) if issubclass(c, DataWarning) else show(m, c, *a, **k))
+    warnings.showwarning = lambda m,c,*a,**k: (_show_data_warning(m, c, *a) if issubclass(c, (DataWarning, PickleWarning)) else show(m, c, *a, **k))
     try:
         args = vars(p.parse_args(rest))
         args.pop('pdb', None); args.pop('xtra', None)
         func(**args)
-    except (UsageError, DataError) as e: return _fail(f"{name}: {e}")
+    except (UsageError, DataError, ModelFileError) as e: return _fail(f"{name}: {e}")
     except KeyboardInterrupt as e:  # `compare` says what is safe on disk and how to resume
         print(f"{PROG}: {name}: {e or 'interrupted'}", file=sys.stderr)
         return 130

@@ -1,5 +1,5 @@
 """End-to-end tests of the `fastai-regularize` CLI (in subprocesses) and of the data readers it relies on."""
-import gzip, os, random, shutil, struct, subprocess, sys
+import contextlib, gzip, io, json, os, pickle, random, shutil, struct, subprocess, sys, warnings
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +200,8 @@ def test_fit_timm_arch_on_digits(env, tmp_path):
 ARGVS = {'fit': [[], ['some/dir'], ['d', '--epochs', '2', '--no-mixup', '--lr', '0.01'], ['--test-dir', 't', '--cutmix', 'd'],
                  ['--sample-submission', 's.csv', '--submission', 'o.csv', '--seed', '7']],
          'compare': [[], ['d', '--out', 'o', '--bs', '8'], ['--seeds', '2', '--configs', 'baseline,mixup', '--fresh']],
-         'predict': [['m.pkl', 'd'], ['m.pkl', 'd', '--out', 'p.csv', '--seed', '3'], ['m.pkl', 'd', '--sets', '0.9']]}
+         'predict': [['m.pkl', 'd'], ['m.pkl', 'd', '--out', 'p.csv', '--seed', '3'], ['m.pkl', 'd', '--sets', '0.9'],
+                     ['m.safetensors', 'd', '--trust']]}
 
 @pytest.mark.parametrize('name', sorted(ARGVS))
 def test_parser_without_fastcore_pos(name, monkeypatch):
@@ -214,3 +215,201 @@ def test_parser_without_fastcore_pos(name, monkeypatch):
     for argv in ARGVS[name]:
         want = {k:v for k,v in vars(ref.parse_args(argv)).items() if k not in ('pdb', 'xtra')}
         assert vars(fallback.parse_args(argv)) == want, argv
+
+
+# ================================================================ issue #21: model files, checks before training
+def run_main(*args):
+    "`main` in this process: (exit status, stdout, stderr)"
+    from fastai_regularize.cli import main
+    o,e = io.StringIO(),io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e): rc = main([str(a) for a in args])
+    return rc,o.getvalue(),e.getvalue()
+
+
+@pytest.fixture(scope='session')
+def fitted_safe(paddy, env, fitted):
+    "The run of `fitted` again (same seed and flags), exported as a safe bundle"
+    r = cli(env, paddy, 'fit', 'train_images', '--epochs', 1, '--size', 16, '--bs', 32, '--test-dir', 'test_images',
+            '--sample-submission', 'sample_submission.csv', '--submission', 'out/submission_safe.csv', '--export',
+            'model.safetensors', '--calibrate', '--reliability', 'out/reliability_safe.png')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'exported the learner to model.safetensors (a safe bundle)' in r.stdout
+    return paddy/'model.safetensors'
+
+
+def _no_unpickling(monkeypatch):
+    def refuse(*a, **k): raise AssertionError('unpickling while predicting from a safe bundle')
+    for mod,name in ((pickle, 'load'), (pickle, 'loads'), (pickle, 'Unpickler'), (torch, 'load'), (torch.serialization, 'load')):
+        monkeypatch.setattr(mod, name, refuse)
+
+
+def test_safe_bundle_predicts_as_the_pickle(paddy, fitted, fitted_safe, tmp_path, monkeypatch):
+    "`fit --export x.safetensors` and `--export x.pkl` of the same run: equal submissions, equal `predict` CSVs, equal calibrated TTA"
+    assert (paddy/'out'/'submission_safe.csv').read_text() == (paddy/'out'/'submission.csv').read_text()
+    rc,_,err = run_main('predict', paddy/'model.pkl', paddy/'test_images', '--out', tmp_path/'pkl.csv')
+    assert rc == 0, err
+    with monkeypatch.context() as m:
+        _no_unpickling(m)
+        rc,_,err = run_main('predict', fitted_safe, paddy/'test_images', '--out', tmp_path/'safe.csv')
+    assert rc == 0, err
+    assert 'pickle' not in err
+    assert (tmp_path/'safe.csv').read_text() == (tmp_path/'pkl.csv').read_text()
+    sub = pd.read_csv(paddy/'out'/'submission.csv', dtype=str).set_index('image_id').label
+    preds = pd.read_csv(tmp_path/'safe.csv', dtype=str)
+    assert list(preds.label) == list(sub[preds.image_id])
+    # calibrated too: the installed temperature and the calibrated TTA probabilities, not only the argmax
+    from fastai.torch_core import set_seed
+    from fastai_regularize.activations import BaseSoftmax
+    from fastai_regularize.cli import load_model
+    a,b = load_model(paddy/'model.pkl'),load_model(fitted_safe)
+    assert type(b.default_act) is BaseSoftmax and b.default_act.base == a.default_act.base != np.e
+    files = frd.get_test_images(paddy/'test_images')
+    probs = []
+    for learn in (a, b):
+        set_seed(42); probs.append(learn.tta(dl=learn.dls.test_dl(files))[0])
+    torch.testing.assert_close(probs[0], probs[1], rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope='session')
+def test_imgs(paddy, tmp_path_factory):
+    "Five readable test images (paddy's test folder also holds a truncated one, which `predict` warns about)"
+    d = tmp_path_factory.mktemp('test_imgs')
+    for f in sorted((paddy/'test_images').glob('*.png'))[1:6]: shutil.copy(f, d/f.name)
+    return d
+
+
+class Planted:
+    "Unpickling it makes a folder: stands for any code the author of a pickle wants run"
+    def __init__(self, where): self.where = where
+    def __reduce__(self): return (os.mkdir, (self.where,))
+
+@pytest.mark.parametrize('case', ['world_writable', 'group_writable', 'other_owner', 'private', 'trusted'])
+def test_predict_crafted_pickle(test_imgs, tmp_path, case):
+    fn,marker = tmp_path/'model.pkl',tmp_path/'ran'
+    torch.save(Planted(str(marker)), fn)
+    os.chmod(fn, {'world_writable': 0o666, 'group_writable': 0o660, 'trusted': 0o666}.get(case, 0o600))
+    if case == 'other_owner':
+        if os.geteuid() != 0: pytest.skip('changing a file owner needs root')
+        os.chown(fn, 65534, -1)
+    rc,_,err = run_main('predict', fn, test_imgs, '--out', tmp_path/'p.csv', *(['--trust'] if case == 'trusted' else []))
+    lines = err.strip().splitlines()
+    assert rc == 2 and 'Traceback' not in err
+    if case in ('world_writable', 'group_writable', 'other_owner'):
+        assert len(lines) == 1 and lines[0].startswith('fastai-regularize: error: predict: refusing to load the pickle'), err
+        assert not marker.exists()
+    else:
+        assert lines[0] == f'fastai-regularize: warning: {fn} is a pickle: loading it runs any code its author put in it; load only ' \
+                           'models you made or trust, and share models as .safetensors bundles (fit --export model.safetensors)'
+        assert len(lines) == 2 and 'holds a NoneType, not a fastai Learner' in lines[1]
+        assert marker.is_dir()   # the warning is about this: the file's code ran
+
+
+def _raw(fn):
+    "The safetensors layout read with struct and json, from the format's description: (table, data bytes)"
+    raw = Path(fn).read_bytes()
+    n = struct.unpack('<Q', raw[:8])[0]
+    return json.loads(raw[8:8+n]),raw[8+n:]
+
+def _write_raw(fn, table, data):
+    hb = json.dumps(table).encode()
+    hb += b' ' * (-len(hb) % 8)
+    Path(fn).write_bytes(struct.pack('<Q', len(hb)) + hb + data)
+
+def _edited(src, dst, edit):
+    table,data = _raw(src)
+    h = json.loads(table['__metadata__']['fastai_regularize'])
+    edit(h)
+    table['__metadata__']['fastai_regularize'] = json.dumps(h)
+    _write_raw(dst, table, data)
+
+@pytest.mark.parametrize('case,msg', [
+    ('truncated.pkl', 'is not a readable learn.export file'), ('text.pkl', 'is not a readable learn.export file'),
+    ('dict.pkl', 'holds a dict, not a fastai Learner'), ('header.safetensors', 'is not a valid safetensors file'),
+    ('truncated.safetensors', 'is not a valid safetensors file'), ('classes.safetensors', 'its weights do not fit resnet18 with 4 outputs'),
+    ('arch.safetensors', 'its weights do not fit resnet34 with 10 outputs'), ('newer.safetensors', 'bundle format 2, newer than this'),
+    ('pickle.safetensors', 'is not a valid safetensors file'), ('model.pth', "must end in .safetensors")])
+def test_predict_corrupt_or_wrong_model(paddy, fitted, fitted_safe, test_imgs, tmp_path, case, msg):
+    fn = tmp_path/case
+    if case == 'truncated.pkl': fn.write_bytes((paddy/'model.pkl').read_bytes()[:100_000])
+    elif case == 'text.pkl': fn.write_text('hello, I am not a model\n')
+    elif case == 'dict.pkl': torch.save({'state_dict': {}}, fn)
+    elif case == 'truncated.safetensors': fn.write_bytes(fitted_safe.read_bytes()[:-1000])
+    elif case == 'pickle.safetensors': torch.save(Planted(str(tmp_path/'ran')), fn)   # a pickle named .safetensors: never unpickled
+    elif case == 'model.pth': shutil.copy(paddy/'model.pkl', fn)
+    elif case == 'header.safetensors':
+        table,data = _raw(fitted_safe)
+        k = next(k for k in table if k != '__metadata__' and len(table[k]['shape']) == 2)
+        table[k]['shape'][0] += 1
+        _write_raw(fn, table, data)
+    else:
+        edit = {'classes.safetensors': lambda h: (h['model'].update(n_out=4), h['data'].update(vocab=['a', 'b', 'c', 'd'])),
+                'arch.safetensors': lambda h: h['model'].update(arch='resnet34'),
+                'newer.safetensors': lambda h: h.update(format_version=2)}[case]
+        _edited(fitted_safe, fn, edit)
+    os.chmod(fn, 0o600)
+    rc,_,err = run_main('predict', fn, test_imgs, '--out', tmp_path/'p.csv')
+    errors = [l for l in err.strip().splitlines() if not l.startswith(f'fastai-regularize: warning: {fn} is a pickle: ')]
+    assert rc == 2 and 'Traceback' not in err and len(errors) == 1, err
+    assert errors[0].startswith('fastai-regularize: error: predict: ') and msg in errors[0], err
+    assert not (tmp_path/'ran').exists() and not (tmp_path/'p.csv').exists()
+
+
+def _sample(tmp_path, paddy, case):
+    ids = pd.read_csv(paddy/'sample_submission.csv', dtype=str).image_id
+    fn = tmp_path/'sample.csv'
+    if case == 'no_label': pd.DataFrame({'image_id': ids, 'a': 'x', 'b': 'y'}).to_csv(fn, index=False)
+    elif case == 'unknown_ids': pd.DataFrame({'image_id': [*ids, 'nope.png'], 'label': 'x'}).to_csv(fn, index=False)
+    elif case == 'id_only': pd.DataFrame({'image_id': ids}).to_csv(fn, index=False)
+    elif case == 'empty': fn.write_bytes(b'')
+    elif case == 'binary': fn.write_bytes(b'\xff\xfe\x00\x81garbage\x00' * 20)
+    return fn
+
+@pytest.mark.parametrize('case,msg', [
+    ('no_label', "cannot tell the label column among ['a', 'b']"), ('unknown_ids', 'not in the test folder: nope.png'),
+    ('id_only', 'cannot tell the label column among []'), ('empty', 'is not a readable CSV'), ('binary', 'is not a readable CSV'),
+    ('export_suffix', "--export '"), ('export_parent', 'is a file, not a folder'), ('submission_folder', 'is a folder; give a file name'),
+    ('missing_test_dir', 'test folder'), ('reliability_suffix', '--reliability')])
+def test_fit_checks_inputs_before_training(paddy, tmp_path, monkeypatch, case, msg):
+    "Every path and the sample submission are checked before anything trains (`train_run` would fail the test)"
+    import fastai_regularize.experiment as fre
+    def trained(*a, **k): raise AssertionError('training started despite bad input')
+    monkeypatch.setattr(fre, 'train_run', trained)
+    (tmp_path/'file').write_text('x')
+    args = ['fit', paddy/'train_images', '--epochs', 1, '--test-dir', paddy/'test_images', '--submission', tmp_path/'sub.csv']
+    if case in ('no_label', 'unknown_ids', 'id_only', 'empty', 'binary'): args += ['--sample-submission', _sample(tmp_path, paddy, case)]
+    extra = {'export_suffix': ['--export', tmp_path/'m.onnx'], 'export_parent': ['--export', tmp_path/'file'/'m.safetensors'],
+             'submission_folder': ['--submission', tmp_path], 'missing_test_dir': ['--test-dir', tmp_path/'nope'],
+             'reliability_suffix': ['--calibrate', '--reliability', tmp_path/'r.nope']}
+    rc,out,err = run_main(*args, *extra.get(case, []))
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith('fastai-regularize: error: fit: ') and msg in lines[0], err
+    assert 'epoch' not in out
+
+
+def test_fit_checks_the_safe_export_before_the_first_epoch(paddy, tmp_path, monkeypatch):
+    "With --export x.safetensors the learner is checked as soon as it is built: a refusal comes before `fit` runs"
+    import fastai_regularize.safe as frs
+    from fastai.learner import Learner
+    def refuse(learn, **k): raise ValueError('the loss Frobnicate is not one export_safe can rebuild')
+    def fitting(*a, **k): raise AssertionError('an epoch started')
+    monkeypatch.setattr(frs, 'check_safe', refuse)
+    monkeypatch.setattr(Learner, 'fit', fitting)
+    rc,_,err = run_main('fit', paddy/'train_images', '--epochs', 1, '--size', 8, '--export', tmp_path/'m.safetensors')
+    assert rc == 2 and 'Traceback' not in err  # (the first line warns about paddy's unreadable notes.png)
+    assert err.strip().splitlines()[-1] == f"fastai-regularize: error: fit: --export {tmp_path/'m.safetensors'}: the loss Frobnicate is not one export_safe can rebuild"
+
+
+def test_compare_checks_out_before_training(paddy, tmp_path, monkeypatch):
+    import fastai_regularize.experiment as fre
+    def ran(*a, **k): raise AssertionError('compare started training despite bad input')
+    monkeypatch.setattr(fre, 'run_experiment', ran)
+    (tmp_path/'file').write_text('x')
+    rc,_,err = run_main('compare', paddy/'train_images', '--out', tmp_path/'file')
+    assert rc == 2 and err.strip() == f"fastai-regularize: error: compare: --out {tmp_path/'file'} is a file; give a folder"
+    rc,_,err = run_main('compare', tmp_path/'nope', '--out', tmp_path/'o')
+    assert rc == 2 and err.strip() == f"fastai-regularize: error: compare: path {tmp_path/'nope'} does not exist"
+
+
+@pytest.mark.skip(reason="TODO(integrator): once branch `tta` adds `predict --probs`, predict both formats of `fitted`/`fitted_safe` "
+                         "with --probs and assert the probability CSVs are equal (the calibrated probabilities, not only labels)")
+def test_probs_equal_for_both_formats(): pass

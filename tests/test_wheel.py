@@ -7,7 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ('all', 'core', 'activations', 'native', 'losses', 'mixup', 'manifold', 'calibration', 'conformal', 'distributed',
-           'kaggle')
+           'kaggle', 'safe')
 CSRC = ('fastai_regularize/csrc/fr_native.c', 'fastai_regularize/csrc/fr_rows.h')  # the kernel is built from these
 
 # without PYTHONPATH: a checkout on it would make the fresh venv see the package before it is installed
