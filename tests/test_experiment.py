@@ -18,7 +18,8 @@ from fastai_regularize.mixup import MixUp
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--epochs', '1', '--size', '16', '--bs', '16']
-METRICS = ['error_rate', 'tta_error_rate', 'nll', 'ece', 'temperature', 'nll_calibrated', 'ece_calibrated']
+METRICS = ['error_rate', 'tta_error_rate', 'nll', 'ece', 'temperature', 'nll_calibrated', 'ece_calibrated',
+           'tta_nll', 'tta_ece', 'tta_temperature', 'tta_nll_calibrated', 'tta_ece_calibrated', 'tta_nll_single_t', 'tta_ece_single_t']
 
 
 @pytest.fixture(scope='module')
@@ -49,6 +50,7 @@ def test_same_seed_in_fresh_processes_gives_identical_numbers(data, tmp_path):
     assert a[METRICS + ['valid_error_by_epoch', 'train_loss_by_epoch']].equals(b[METRICS + ['valid_error_by_epoch', 'train_loss_by_epoch']])
     pa,pb = (torch.load(tmp_path/f'out{i}'/'preds'/'mixup__s42.pt') for i in range(2))
     assert torch.equal(pa['logits'], pb['logits']) and torch.equal(pa['targs'], pb['targs'])
+    assert torch.equal(pa['tta_logits'], pb['tta_logits']) and pa['tta_logits'].shape == (5, 18, 3)
     # stdout is a pipe here, as in `make demo > log`: one line per epoch and per run, no redrawn bars
     out = rs[0].stdout
     assert not any(c in out for c in ('\r', '\x1b', '█', '|----'))  # fastprogress's bars, redrawn or appended
@@ -120,7 +122,7 @@ def test_summary_paired_ci_matches_hand_computation(resumed):
         assert r['diff'] == pytest.approx(mean, rel=1e-9, abs=1e-12)
         assert r['diff_low'] == pytest.approx(mean - half, rel=1e-9, abs=1e-12)
         assert r['diff_high'] == pytest.approx(mean + half, rel=1e-9, abs=1e-12)
-        if m != 'temperature': assert r['better'] == sum(v < 0 for v in d)
+        if m not in ('temperature', 'tta_temperature'): assert r['better'] == sum(v < 0 for v in d)
         base = [runs.loc[('baseline', k), m] for k in (42, 43)]
         assert s.loc[('baseline', m)]['mean'] == pytest.approx(sum(base)/2, rel=1e-12)
         assert s.loc[('baseline', m)]['std'] == pytest.approx(abs(base[0] - base[1])/math.sqrt(2), rel=1e-9, abs=1e-15)

@@ -339,3 +339,32 @@ torch.save(dict(params=learn.tta_params, kind=type(learn.tta_act).__name__, tta=
     assert got['params'] == {'n': 4, 'beta': 0.25} and got['kind'] == 'VectorScaling'
     assert got['tta'] == 'fastai_regularize.activations'               # unpickling the map imported our `tta`
     assert torch.equal(got['probs'], torch.stack([learn.tta_act(p) for p in P]))
+
+
+def test_calibratability_script_scores_tta_output(tmp_path):
+    "`--tta`: raw TTA output, each scaler cross-fitted for TTA's combination, and the single-pass scaler on it, from tta_logits"
+    import importlib.util, csv
+    spec = importlib.util.spec_from_file_location('calibratability', ROOT/'benchmarks'/'calibratability.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    (tmp_path/'preds').mkdir()
+    P0,y = _passes(300, c=3, scale=1.)                                  # the same items and targets for every run
+    for seed in range(2):
+        for config,scale in (('baseline', 2.), ('mixup', 0.5)):
+            P = scale*P0 + 0.3*torch.randn(P0.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            torch.save({'logits': P[-1].float(), 'targs': y, 'tta_logits': P.float(), 'tta_beta': 0.25},
+                       tmp_path/'preds'/f'{config}__s{seed}.pt')
+    mod.main([str(tmp_path/'preds'), '--name', 't', '--methods', 'temperature', '--out', str(tmp_path), '--tta'])
+    rows = list(csv.DictReader(open(tmp_path/'calibratability-t-tta.csv')))
+    assert len(rows) == 2*2*3 and {r['method'] for r in rows} == {'before', 'temperature', 'single-pass-temperature'}
+    d = torch.load(tmp_path/'preds'/'mixup__s1.pt')
+    get = lambda m: next(r for r in rows if (r['config'], r['seed'], r['method']) == ('mixup', '1', m))
+    refs = {'before': combine_tta(F.softmax(d['tta_logits'].double(), -1)),
+            'temperature': cross_fit_tta_scaler(d['tta_logits'], d['targs'])[0],
+            'single-pass-temperature': cross_fit_tta_scaler(d['tta_logits'], d['targs'], single_pass=True)[0]}
+    for m,p in refs.items():
+        assert float(get(m)['nll']) == pytest.approx(F.nll_loss(p.log(), d['targs']).item(), rel=1e-5)
+        assert float(get(m)['ece']) == pytest.approx(calibration_error(p, d['targs']), rel=1e-5)
+    assert 'Calibratability of TTA' in (tmp_path/'calibratability-t-tta.md').read_text()
+    torch.save({'logits': d['logits'], 'targs': d['targs']}, tmp_path/'preds'/'cutmix__s0.pt')
+    with pytest.raises(SystemExit, match='has no tta_logits'):
+        mod.main([str(tmp_path/'preds'), '--name', 't', '--methods', 'temperature', '--out', str(tmp_path), '--tta'])
