@@ -156,4 +156,4 @@ def tta_logits(learn:Learner, # The learner to predict with
     getattr(learn.dls, 'n_inp', None)  # before seeding: fastai finds it lazily, running the training transforms once (drawing)
     if seed is not None: set_seed(seed, reproducible=True)
     aug,preds,targs = _tta_passes(learn, dl, n, no_activation)
-    return torch.stack([*aug, preds]).as_subclass(Tensor),targs.as_subclass(Tensor)
+    return torch.stack([*aug, preds]).as_subclass(Tensor),(None if targs is None else targs.as_subclass(Tensor))
