@@ -160,3 +160,34 @@ def test_sigint_while_a_row_is_written_waits_for_the_whole_row(tmp_path, monkeyp
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _append_row(fn, ['config', 'seed', 'error_rate'], dict(config='mixup', seed=2, error_rate=0.5))
     assert fn.read_text().endswith('mixup,1,0.25\nmixup,2,0.5\n') and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_tta_columns_match_the_saved_passes(resumed):
+    "tta_error_rate and tta_nll/ece of runs.csv are `tta()`'s probabilities rebuilt from the saved passes (`combine_tta`)"
+    import torch.nn.functional as F
+    from fastai_regularize.activations import combine_tta
+    from fastai_regularize.calibration_metrics import calibration_error
+    runs = pd.read_csv(resumed['out']/'runs.csv').set_index(['config', 'seed'])
+    for (c, s),r in runs.iterrows():
+        p = torch.load(resumed['out']/'preds'/f'{c}__s{s}.pt')
+        assert p['tta_logits'].dtype == torch.float32 and p['tta_beta'] == 0.25
+        assert torch.equal(p['tta_logits'][-1], p['logits'])            # the plain pass is the saved logits
+        q = combine_tta(torch.stack([F.softmax(z, -1) for z in p['tta_logits']]), p['tta_beta'])
+        assert r['tta_error_rate'] == (q.argmax(1) != p['targs']).float().mean().item()   # exactly: same floats
+        q = q.double()
+        assert r['tta_nll'] == pytest.approx(F.nll_loss(q.log(), p['targs']).item(), rel=1e-6)
+        assert r['tta_ece'] == pytest.approx(calibration_error(q, p['targs']), abs=1e-6)
+
+
+def test_an_older_runs_csv_is_upgraded_not_refused(tmp_path):
+    "A runs.csv without this version's columns: rewritten with the new header, every old cell kept, the new ones blank"
+    fn = tmp_path/'runs.csv'
+    fn.write_text('config,seed,error_rate,epochs\nbaseline,0,0.25,2\n"mixup,x",1,0.5,2\n')
+    cols = ['config', 'seed', 'error_rate', 'tta_nll', 'epochs', 'tta_ece']
+    experiment._upgrade_runs(fn, cols)
+    assert fn.read_text() == 'config,seed,error_rate,tta_nll,epochs,tta_ece\nbaseline,0,0.25,,2,\n"mixup,x",1,0.5,,2,\n'
+    experiment._upgrade_runs(fn, cols)                                    # nothing to do the second time
+    assert fn.read_text().startswith('config,seed,error_rate,tta_nll,epochs,tta_ece\n')
+    assert not list(tmp_path.glob('.*tmp'))
+    with pytest.raises(experiment.SettingsMismatch, match="has column\\(s\\) 'tta_nll', 'tta_ece' that this version does not write"):
+        experiment._upgrade_runs(fn, ['config', 'seed', 'error_rate', 'epochs'])

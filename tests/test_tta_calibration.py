@@ -44,7 +44,7 @@ def test_tta_fit_is_not_worse_in_sample_than_the_single_pass_map(method):
         warnings.simplefilter('ignore')
         m,m1 = fit_tta_scaler(P, y, method),fit_scaler(P[-1], y, method)
     assert type(m) is type(m1)
-    assert _tta_nll(m, P, y) <= _tta_nll(m1, P, y) + 1e-12
+    assert _tta_nll(m, P, y) < _tta_nll(m1, P, y) - 5e-4   # the plain pass's map is not the optimum for TTA's average
 
 
 def test_tta_temperature_is_the_minimum_of_a_brute_force_grid():
@@ -132,7 +132,7 @@ def test_tta_scaler_bad_passes():
         with pytest.raises(ValueError, match=msg.replace('(', r'\(').replace('[', r'\[')): fit_tta_scaler(bad, y)
 
 
-def _flip_learner(scale=3., n_valid=400, seed=0, loss_func=None):
+def _flip_learner(scale=3., n_valid=400, seed=0, loss_func=None, warm=True):
     "A linear classifier of 6×6 images with a random flip (so TTA's passes differ), `scale` times too confident"
     g = torch.Generator().manual_seed(seed)
     n = 100 + n_valid
@@ -143,7 +143,7 @@ def _flip_learner(scale=3., n_valid=400, seed=0, loss_func=None):
     model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
     with torch.no_grad(): model[1].weight.copy_(scale*W.T); model[1].bias.zero_()
     learn = Learner(dls, model, loss_func=loss_func or CrossEntropyLossFlat())
-    learn.get_preds()   # fastai's first prediction draws random numbers (see tta_logits); later ones are as seeded
+    if warm: learn.get_preds()   # fastai's first prediction draws random numbers (see tta_logits); later ones are as seeded
     return learn
 
 
@@ -312,6 +312,12 @@ def test_segmentation_scalers_keep_the_class_axis_and_survive_export(tmp_path):
         loaded = load_learner(tmp_path/'seg.pkl')
     torch.testing.assert_close(loaded.get_preds(dl=learn.dls.valid)[0], probs)
     with pytest.raises(ValueError, match='cannot be calibrated per pixel'): learn.calibrate(tta=True)
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig = learn.show_reliability(calibrated=False)                   # every labelled pixel an item, as calibrate scores them
+    z,y = _pixels(logits, learn.get_preds(act=no_activation)[1])
+    assert f"ECE {calibration_error(F.softmax(z.double(), -1), y):.4f}" in fig.axes[0].get_title()
+    plt.close('all')
 
 
 def test_export_load_keeps_tta_calibration_in_a_fresh_process(tmp_path):
@@ -368,3 +374,42 @@ def test_calibratability_script_scores_tta_output(tmp_path):
     torch.save({'logits': d['logits'], 'targs': d['targs']}, tmp_path/'preds'/'cutmix__s0.pt')
     with pytest.raises(SystemExit, match='has no tta_logits'):
         mod.main([str(tmp_path/'preds'), '--name', 't', '--methods', 'temperature', '--out', str(tmp_path), '--tta'])
+
+
+def test_a_fault_inside_calibrate_tta_loses_nothing():
+    "An exception in the middle of the TTA passes: the maps installed before stay, the learner predicts as before"
+    from fastai.callback.core import Callback
+    class Boom(Callback):
+        order,n = 0,0
+        def before_batch(self):
+            Boom.n += 1
+            if Boom.n == 9: raise RuntimeError('injected')
+    learn = _flip_learner()
+    learn.calibrate(); learn.calibrate(tta=True)
+    single,tta_act,params = learn.default_act,learn.tta_act,dict(learn.tta_params)
+    set_seed(1, reproducible=True); before = learn.tta()[0]
+    learn.add_cb(Boom())
+    with pytest.raises(RuntimeError, match='injected'): learn.calibrate('vector', tta=dict(n=2))
+    learn.remove_cbs([c for c in learn.cbs if isinstance(c, Boom)])
+    assert learn.default_act is single and learn.tta_act is tta_act and learn.tta_params == params
+    set_seed(1, reproducible=True)
+    assert torch.equal(learn.tta()[0], before)
+    import fastai_regularize.calibration as cal                      # and Ctrl-C in the middle of the fit itself
+    def interrupted(*a, **k): raise KeyboardInterrupt
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cal, '_lbfgs', interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt): learn.calibrate('vector', tta=dict(n=2))
+    finally: mp.undo()
+    assert learn.default_act is single and learn.tta_act is tta_act and learn.tta_params == params
+
+
+def test_tta_logits_is_seeded_from_a_learners_first_prediction():
+    """fastai finds `dls.n_inp` on a learner's first batch by running the training transforms (drawing random numbers):
+    `tta_logits` does it before seeding, so its first call gives what later seeded calls and `tta()` give"""
+    learn = _flip_learner(warm=False)
+    a,_ = tta_logits(learn, n=2, seed=5)
+    b,_ = tta_logits(learn, n=2, seed=5)
+    assert torch.equal(a, b) and not torch.equal(a[0], a[1])
+    set_seed(5, reproducible=True)
+    assert torch.equal(learn.tta(n=2, act=no_activation)[0], combine_tta(a))
