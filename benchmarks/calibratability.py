@@ -13,9 +13,16 @@ the baseline (same seed, same method) with a 95% t-interval over seeds.
 
     python benchmarks/calibratability.py OUT/preds --name digits
     python benchmarks/calibratability.py OUT/preds --name fashion-mnist --methods temperature,dirichlet
+    python benchmarks/calibratability.py OUT/preds --name fashion-mnist --tta --methods temperature
 
 Writes `results/calibratability-NAME.csv` (one row per config, seed and method, appended as each finished, so an
 interrupted run resumes), `results/calibratability-NAME-summary.csv` and `results/calibratability-NAME.md`.
+
+`--tta` scores the probabilities `learn.tta()` returns instead, from the files' `tta_logits` (every TTA pass's logits,
+(n+1, N, C), the plain pass last, saved by `compare` since it saves them) combined as `tta` combines them (`combine_tta`,
+the files' `tta_beta`): 'before' is TTA's raw output, each method is fitted for TTA's combination by cross-fitting
+(`cross_fit_tta_scaler`), and `single-pass-METHOD` is the same method cross-fitted on the plain pass alone and applied
+to every pass (what a single-pass calibration does to a TTA submission). Its files are `calibratability-NAME-tta.*`.
 """
 import argparse, csv, math, platform, re, sys, time, warnings
 from datetime import datetime, timezone
@@ -24,7 +31,8 @@ from pathlib import Path
 import torch, torch.nn.functional as F
 from scipy import stats
 
-from fastai_regularize.calibration import cross_fit_scaler, SCALERS
+from fastai_regularize.activations import combine_tta
+from fastai_regularize.calibration import cross_fit_scaler, cross_fit_tta_scaler, SCALERS
 from fastai_regularize.calibration_metrics import calibration_report
 
 HERE = Path(__file__).resolve().parent
@@ -42,13 +50,18 @@ def read_preds(folder:Path)->dict:
         if m: found[(m.group(1), int(m.group(2)))] = f
     return found
 
-def score(logits:torch.Tensor, targs:torch.Tensor, method:str, n_folds:int, seed:int, n_bins:int)->dict:
-    "Out-of-sample metrics of `method` ('before': the plain softmax)"
-    if method == 'before': probs = F.softmax(logits.double(), -1)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # a temperature at its bracket's end warns; the row records the result
-            probs = cross_fit_scaler(logits, targs, method, n_folds=n_folds, seed=seed)[0]
+def score(logits:torch.Tensor, targs:torch.Tensor, method:str, n_folds:int, seed:int, n_bins:int, beta:float|None=None)->dict:
+    "Out-of-sample metrics of `method` ('before': the plain softmax); `beta`: `logits` are TTA passes (n+1, N, C), combined"
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # a temperature at its bracket's end warns; the row records the result
+        if beta is not None:
+            if method == 'before': probs = combine_tta(F.softmax(logits.double(), -1), beta)
+            else:
+                single = method.startswith('single-pass-')
+                probs = cross_fit_tta_scaler(logits, targs, method.removeprefix('single-pass-'), beta, n_folds=n_folds, seed=seed,
+                                             single_pass=single)[0]
+        elif method == 'before': probs = F.softmax(logits.double(), -1)
+        else: probs = cross_fit_scaler(logits, targs, method, n_folds=n_folds, seed=seed)[0]
     rep = calibration_report(probs, targs, n_bins=n_bins)
     rep['error'] = 1 - rep.pop('accuracy')
     return rep
@@ -90,8 +103,10 @@ def fmt(k:str, v:float, sign:bool=False)->str:
 def markdown(summary:list, methods:list, meta:dict)->str:
     get = {(s['config'], s['method'], s['metric']): s for s in summary}
     configs = list(dict.fromkeys(s['config'] for s in summary))
-    lines = [f"# Calibratability: {meta['name']}", '',
-             f"{meta['n_items']} evaluation items, {meta['n_classes']} classes; seeds {meta['seeds']}; "
+    what = (f"TTA's output ({meta['tta']}): 'before' is `tta()`'s raw probabilities, each method is fitted for TTA's "
+            f"combination, `single-pass-*` fitted on the plain pass and applied to every pass; " if meta.get('tta') else '')
+    lines = [f"# Calibratability{' of TTA' if meta.get('tta') else ''}: {meta['name']}", '',
+             f"{what}{meta['n_items']} evaluation items, {meta['n_classes']} classes; seeds {meta['seeds']}; "
              f"every scaler cross-fitted on the evaluation set ({meta['n_folds']} folds, fold seed {meta['fold_seed']}), so "
              f"every number is out of sample; ECEs with {meta['n_bins']} bins. Percentages for the ECEs and the error, "
              f"mean ± std over seeds; Δ is the paired difference to `{meta['baseline']}` (same seed, same method) with its "
@@ -145,46 +160,54 @@ def main(argv=None):
     ap.add_argument('--n-bins', type=int, default=15)
     ap.add_argument('--out', default=str(HERE/'results'))
     ap.add_argument('--fresh', action='store_true', help='ignore the rows already in the raw CSV')
+    ap.add_argument('--tta', action='store_true', help="score TTA's output from the files' tta_logits (see the docstring)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)  # small tensors: more threads only add contention on a shared machine
     methods = ['before'] + [m for m in a.methods.split(',') if m]
     for m in methods[1:]:
         if m not in SCALERS + ('auto',): ap.error(f"unknown method {m!r}; choose from {SCALERS + ('auto',)}")
+    if a.tta: methods += [f'single-pass-{m}' for m in methods[1:]]
     found = read_preds(Path(a.preds))
     if a.configs: found = {k: v for k,v in found.items() if k[0] in a.configs.split(',')}
     if not found: ap.error(f"no {{config}}__s{{seed}}.pt files in {a.preds}")
+    name = f"{a.name}-tta" if a.tta else a.name
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    raw = out/f'calibratability-{a.name}.csv'
+    raw = out/f'calibratability-{name}.csv'
     rows = [] if a.fresh or not raw.exists() else list(csv.DictReader(open(raw)))
     done = {(r['config'], int(r['seed']), r['method']) for r in rows}
     if a.fresh or not raw.exists():
         with open(raw, 'w', newline='') as f: csv.DictWriter(f, FIELDS).writeheader()
-    start,ref_targs = time.time(),None
+    start,ref_targs,betas = time.time(),None,set()
     for (config, seed),path in found.items():
         d = torch.load(path, weights_only=True)
-        logits,targs = d['logits'],d['targs']
+        logits,targs,beta = d['logits'],d['targs'],None
+        if a.tta:
+            if 'tta_logits' not in d: sys.exit(f"{path} has no tta_logits: it was saved without TTA, or before compare saved them")
+            logits,beta = d['tta_logits'],float(d.get('tta_beta', 0.25))
+            betas.add(beta)
         if ref_targs is None: ref_targs = targs
         elif not torch.equal(targs, ref_targs):
             sys.exit(f"{path}: targets differ from the other files'; every run must score the same evaluation items")
         for m in methods:
             if (config, seed, m) in done: continue
             t = time.time()
-            rep = score(logits, targs, m, a.n_folds, a.fold_seed, a.n_bins)
-            row = dict(config=config, seed=seed, method=m, n=len(targs), n_classes=logits.shape[1],
+            rep = score(logits, targs, m, a.n_folds, a.fold_seed, a.n_bins, beta)
+            row = dict(config=config, seed=seed, method=m, n=len(targs), n_classes=logits.shape[-1],
                        **{k: f"{rep[k]:.6g}" for k,_ in METRICS}, seconds=f"{time.time() - t:.2f}")
             with open(raw, 'a', newline='') as f: csv.DictWriter(f, FIELDS).writerow(row)
             rows.append(row)
             print(f"{config:>16} s{seed} {m:>11}: ECE {100*rep['ece']:.2f}%  NLL {rep['nll']:.4f}  ({row['seconds']} s)", flush=True)
     summary = summarise(rows, a.baseline, methods)
-    with open(out/f'calibratability-{a.name}-summary.csv', 'w', newline='') as f:
+    with open(out/f'calibratability-{name}-summary.csv', 'w', newline='') as f:
         w = csv.DictWriter(f, list(summary[0]))
         w.writeheader(); w.writerows(summary)
     seeds = sorted({int(r['seed']) for r in rows})
-    meta = dict(name=a.name, n_items=rows[0]['n'], n_classes=rows[0]['n_classes'], seeds=', '.join(map(str, seeds)),
+    tta = f"{len(logits) - 1} augmented passes and the plain one, beta {', '.join(map(str, sorted(betas)))}" if a.tta else None
+    meta = dict(name=a.name, tta=tta, n_items=rows[0]['n'], n_classes=rows[0]['n_classes'], seeds=', '.join(map(str, seeds)),
                 n_folds=a.n_folds, fold_seed=a.fold_seed, n_bins=a.n_bins, baseline=a.baseline, preds=a.preds,
                 machine=f"{cpu_name()}, torch {torch.__version__}",
                 date=datetime.now(timezone.utc).strftime('%Y-%m-%d'))
-    (out/f'calibratability-{a.name}.md').write_text(markdown(summary, methods, meta) + '\n')
-    print(f"wrote {raw}, its summary and calibratability-{a.name}.md ({time.time() - start:.0f} s)")
+    (out/f'calibratability-{name}.md').write_text(markdown(summary, methods, meta) + '\n')
+    print(f"wrote {raw}, its summary and calibratability-{name}.md ({time.time() - start:.0f} s)")
 
 if __name__ == '__main__': main()

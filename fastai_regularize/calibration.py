@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from fastai.learner import Learner
 from fastai.losses import BCEWithLogitsLossFlat
 
-from .activations import BaseSoftmax, softmax_base, no_activation
+from .activations import BaseSoftmax, softmax_base, no_activation, tta_logits, combine_tta
 from .core import check_int, check_number
 from .calibration_metrics import (_tensor, _check_n_bins, _check_choice, _check_scores, _check_multihot,
     _ce, _report, expected_calibration_error, calibration_error, brier_score, ECE, plot_reliability)
@@ -22,9 +22,10 @@ from .calibration_metrics import (_tensor, _check_n_bins, _check_choice, _check_
 _all_ = ['expected_calibration_error', 'ECE', 'plot_reliability']  # lived here before 03a: `import *` still brings them
 
 # %% auto #0
-__all__ = ['DIRICHLET_REGS', 'SCALERS', 'SIGMOID_SCALERS', 'fit_temperature', 'cross_fit_temperature', 'VectorScaling',
-           'MatrixScaling', 'DirichletCalibration', 'SigmoidScaling', 'fit_scaler', 'cross_fit_scaler',
-           'CalibrationResult', 'expected_calibration_error', 'ECE', 'plot_reliability']
+__all__ = ['DIRICHLET_REGS', 'SCALERS', 'SIGMOID_SCALERS', 'MAX_ITEMS', 'fit_temperature', 'cross_fit_temperature',
+           'VectorScaling', 'MatrixScaling', 'DirichletCalibration', 'SigmoidScaling', 'fit_scaler', 'cross_fit_scaler',
+           'ClassAxis', 'fit_tta_scaler', 'cross_fit_tta_scaler', 'CalibrationResult', 'expected_calibration_error',
+           'ECE', 'plot_reliability']
 
 # %% ../nbs/04_calibration.ipynb #c8be7db4
 def _check_logits(logits, targs, multilabel:bool=False)->tuple:
@@ -173,22 +174,27 @@ class DirichletCalibration(_AffineScaler):
 DIRICHLET_REGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.)
 _NEWTON_MAX_PARAMS = 1000  # beyond this many parameters the Hessian is too big: L-BFGS instead
 
+def _lbfgs(theta:Tensor, # Starting point, float64
+           f, # `f(theta, False) -> loss`, differentiable by autograd
+           max_iter:int=100)->Tensor:
+    "A minimiser of a smooth loss by L-BFGS with a strong-Wolfe line search, from `theta`"
+    theta = theta.clone().requires_grad_()
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=10*max_iter, tolerance_grad=1e-7, tolerance_change=1e-12,
+                            history_size=20, line_search_fn='strong_wolfe')
+    def closure():
+        opt.zero_grad()
+        l = f(theta, False)
+        l.backward()
+        return l
+    with torch.inference_mode(False), torch.enable_grad(): opt.step(closure)
+    return theta.detach()
+
 def _minimise(theta:Tensor, # Starting point, float64
               f, # `f(theta, hess:bool) -> loss` or `(loss, grad, hess)`; convex, `loss` differentiable by autograd
               block:bool=False, # The Hessian is a batch of independent blocks, shape (K, p, p) for `theta` (K, p)
               max_iter:int=100)->Tensor:
     "Minimiser of a smooth convex loss: Newton with a backtracking line search, or L-BFGS for many parameters"
-    if not block and theta.numel() > _NEWTON_MAX_PARAMS:
-        theta = theta.clone().requires_grad_()
-        opt = torch.optim.LBFGS([theta], lr=1, max_iter=10*max_iter, tolerance_grad=1e-7, tolerance_change=1e-12,
-                                history_size=20, line_search_fn='strong_wolfe')
-        def closure():
-            opt.zero_grad()
-            l = f(theta, False)
-            l.backward()
-            return l
-        with torch.inference_mode(False), torch.enable_grad(): opt.step(closure)
-        return theta.detach()
+    if not block and theta.numel() > _NEWTON_MAX_PARAMS: return _lbfgs(theta, f, max_iter)
     loss,g,H = f(theta, True)
     for _ in range(max_iter):
         eye = torch.eye(H.shape[-1], dtype=H.dtype)
@@ -368,13 +374,16 @@ def _fit_one(method:str, z:Tensor, y:Tensor, multilabel:bool, reg, n_folds:int, 
         return (lambda x: beta*x),BaseSoftmax(math.exp(beta))
     elif method == 'dirichlet': m = _fit_dirichlet(z, y, reg, n_folds, seed)
     else: m = (_fit_vector if method == 'vector' else _fit_matrix)(z, y)
+    _warn_diverged(method, m, not multilabel and bool((m.calibrated_logits(z).argmax(1) == y).all()))
+    return m.calibrated_logits,m
+
+def _warn_diverged(method:str, m:nn.Module, all_right:bool):
+    "Warn if the fit ran away: huge parameters, or every item right (no minimum: scaling up lowers the NLL)"
     runaway = max(m.weight.abs().max().item(), m.bias.abs().max().item()) > _DIVERGED
-    all_right = not multilabel and bool((m.calibrated_logits(z).argmax(1) == y).all())  # no minimum: scaling up lowers the NLL
     if method != 'temperature' and (runaway or all_right):
         warnings.warn(f"{method} scaling fitted parameters beyond {_DIVERGED:g} in absolute value: the held-out items are "
                       f"(nearly) separable by this map, so its probabilities will be over-confident on new data. Check the "
                       f"out-of-sample NLL (`nll_after_cv`, `cross_fit_scaler`), or use 'temperature', 'dirichlet' or 'auto'")
-    return m.calibrated_logits,m
 
 def _cross_fit_method(method:str, z:Tensor, y:Tensor, multilabel:bool, reg, n_folds:int, seed:int)->tuple:
     "(cross-fitted calibrated logits, [(function, act) per fold], fold) of `method`, 'auto' included"
@@ -420,6 +429,247 @@ def cross_fit_scaler(logits:Tensor, # Held-out logits (no activation), shape (N,
     zc,fits,fold = _cross_fit_method(method, z, y, multilabel, reg, n_folds, seed)
     return _probs(zc, multilabel),[f[1] for f in fits],fold
 
+# %% ../nbs/04_calibration.ipynb #cd961a37
+MAX_ITEMS = 100_000
+
+def _class_axis(lf)->int:
+    "The class axis of logits with more than 2 dims: the loss's `axis` (fastai's `*Flat` losses), else PyTorch's 1"
+    return getattr(lf, 'axis', 1)
+
+def _ignore_index(lf):
+    "The target value the loss ignores, if it has one (fastai's `*Flat` losses keep the loss module in `func`)"
+    return getattr(getattr(lf, 'func', lf), 'ignore_index', None)
+
+def _as_items(logits:Tensor, # Logits (..., C, ...) with the classes on `axis`, or probabilities
+              targs:Tensor, # Class indices shaped like `logits` without `axis`
+              axis:int=-1, # Class axis
+              ignore_index:int|None=None, # Targets to leave out
+              name:str='logits')->tuple:
+    "(items (M, C), targets (M,)): one item per position (pixel) of `logits`, the `ignore_index` ones left out"
+    z,t = _tensor(name, logits),_tensor('targs', targs)
+    if z.ndim < 2: raise ValueError(f"`{name}` must have a class axis, got shape {tuple(z.shape)}")
+    ax = axis % z.ndim
+    want = z.shape[:ax] + z.shape[ax+1:]
+    if tuple(t.shape) != tuple(want):
+        raise ValueError(f"`targs` must be class indices shaped like `{name}` {tuple(z.shape)} without its class axis {ax}, "
+                         f"{tuple(want)}, got {tuple(t.shape)}")
+    z,t = z.movedim(ax, -1).reshape(-1, z.shape[ax]),t.reshape(-1)
+    if ignore_index is not None:
+        keep = t != ignore_index
+        if not keep.all(): z,t = z[keep],t[keep]
+    return z,t
+
+def _subsample(n:int, max_items:int|None, seed:int)->Tensor|None:
+    "Sorted indices of `max_items` of `n` items drawn without replacement (seeded), or None if all fit"
+    if max_items is None or n <= max_items: return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_items].sort().values
+
+class ClassAxis(nn.Module):
+    "A calibration map applied along class axis `axis`, e.g. 1 for per-pixel logits (N, C, H, W)"
+    def __init__(self, scaler:nn.Module, # A map of logits with the classes last (`VectorScaling`, ...)
+                 axis:int=1): # Class axis of the logits it is called on
+        super().__init__()
+        self.scaler,self.axis = scaler,axis
+    def forward(self, x:Tensor)->Tensor:
+        "Calibrated probabilities of `x`, the classes on `axis`"
+        return self.scaler(x.movedim(self.axis, -1)).movedim(-1, self.axis)
+    def extra_repr(self): return f"axis={self.axis}"
+
+def _on_axis(act, axis:int, ndim:int):
+    "`act` (classes last) made to act on logits of `ndim` dims with the classes on `axis`"
+    if ndim <= 2 or axis % ndim == ndim - 1: return act
+    return BaseSoftmax(act.base, axis) if isinstance(act, BaseSoftmax) else ClassAxis(act, axis)
+
+# %% ../nbs/04_calibration.ipynb #c35bf7ba
+def _check_beta(beta)->float:
+    if beta is None: raise ValueError("`beta` is None: `tta` then returns its two parts uncombined, and there is no combined "
+                                      "probability to calibrate; pass a number in [0, 1]")
+    return check_number('beta', beta, 0, 1)
+
+def _check_passes(passes, targs, multilabel:bool)->tuple:
+    "Float64 passes (K, N, C), K >= 2, the plain pass last, and targets: each pass checked as `_check_logits` checks logits"
+    P = _tensor('passes', passes)
+    if multilabel and P.ndim == 2: P = P[..., None]                  # one sigmoid output per pass
+    if P.ndim != 3 or P.shape[0] < 2:
+        raise ValueError(f"`passes` must be 3-D (n+1 passes, N items, C classes) with n >= 1 augmented passes and the plain "
+                         f"pass last (`tta_logits`), got shape {tuple(P.shape)}")
+    zs = [_check_logits(p, targs, multilabel) for p in P]
+    return torch.stack([z for z,_ in zs]),zs[0][1]
+
+def _tta_weights(K:int, beta:float)->Tensor:
+    "Weight of each of `K` passes in `combine_tta(beta=beta)`: `(1-beta)/(K-1)` each augmented pass, `beta` the plain one"
+    w = torch.full((K,), (1 - beta)/(K - 1), dtype=torch.float64)
+    w[-1] = beta
+    return w
+
+def _tta_combined(zc:Tensor, # Calibrated logits of every pass (K, N, C)
+                  w:Tensor, # Weight of each pass (K,)
+                  multilabel:bool)->Tensor:
+    "Logits whose softmax (sigmoid: `log q - log(1-q)`) is TTA's combination of the passes' probabilities, computed in log space"
+    keep = w > 0
+    zc,lw = zc[keep],w[keep].log().view(-1, *[1]*(zc.ndim - 1)).to(zc)
+    if multilabel: return torch.logsumexp(lw + F.logsigmoid(zc), 0) - torch.logsumexp(lw + F.logsigmoid(-zc), 0)
+    return torch.logsumexp(lw + F.log_softmax(zc, -1), 0)               # log q: its softmax is q, its CE is -log q_y
+
+def _mixture_derivs(lw:Tensor, a:Tensor, a1:Tensor, a2:Tensor)->tuple:
+    "`log sum_k exp(lw_k + a_k)` over dim 0 and its first two derivatives, from each `a_k`'s (`a1`, `a2`)"
+    s = lw[:, None] + a
+    lse = torch.logsumexp(s, 0)
+    r = torch.exp(s - lse)                                        # responsibilities w_k p_k / q
+    d1 = (r*a1).sum(0)
+    return lse,d1,(r*(a2 + a1**2)).sum(0) - d1**2
+
+def _tta_softmax_fgh(Z:Tensor, y:Tensor, lw:Tensor, b:float)->tuple:
+    "Mean NLL of TTA's combination of `softmax(b*Z_k)` (passes weighted by `exp(lw)`), and its derivatives in `b`"
+    lp = F.log_softmax(b*Z, -1)
+    p,yk = lp.exp(),y.expand(len(Z), -1)[..., None]
+    ez = (p*Z).sum(-1)
+    a,a1 = lp.gather(-1, yk)[..., 0],Z.gather(-1, yk)[..., 0] - ez
+    lse,d1,d2 = _mixture_derivs(lw, a, a1, -(p*(Z - ez[..., None])**2).sum(-1))
+    return -lse.mean().item(),-d1.mean().item(),-d2.mean().item()
+
+def _tta_sigmoid_fgh(Z:Tensor, t:Tensor, lw:Tensor, b:float)->tuple:
+    "The same for one label of a sigmoid model: passes `Z` (K, N), targets `t` (N,) in {0, 1}"
+    s = 2*t - 1
+    a,a1 = F.logsigmoid(s*b*Z),s*Z*torch.sigmoid(-s*b*Z)
+    lse,d1,d2 = _mixture_derivs(lw, a, a1, -Z**2*torch.sigmoid(b*Z)*torch.sigmoid(-b*Z))
+    return -lse.mean().item(),-d1.mean().item(),-d2.mean().item()
+
+_GRID_POINTS = 40
+
+def _newton_in(gh, # `gh(b) -> (NLL', NLL'')`
+               lo:float, hi:float, # A bracket in which NLL' rises through 0: NLL'(lo) < 0 < NLL'(hi)
+               max_iter:int=100)->float:
+    "A local minimum of the NLL in [lo, hi]: Newton safeguarded by bisection (in log space), as `_newton_beta`"
+    b = math.sqrt(lo*hi)
+    for _ in range(max_iter):
+        g,h = gh(b)
+        if g == 0: return b
+        if g > 0: hi = b
+        else:     lo = b
+        nb = b - g/h if h > 0 else math.nan
+        if not lo < nb < hi: nb = math.sqrt(lo*hi)
+        if abs(nb - b) <= 1e-12*b: return nb
+        b = nb
+    return b
+
+def _min_beta(fgh, # `fgh(b) -> (NLL, NLL', NLL'')`, smooth, not necessarily convex
+              what:str='')->float:
+    "Inverse temperature of the lowest NLL in [_BETA_LO, _BETA_HI]: every local minimum a 40-point log grid brackets, refined by Newton"
+    grid = torch.logspace(math.log10(_BETA_LO), math.log10(_BETA_HI), _GRID_POINTS, dtype=torch.float64).tolist()
+    grid[0],grid[-1] = _BETA_LO,_BETA_HI
+    v = [fgh(b) for b in grid]
+    cands = [(v[0][0], _BETA_LO)] if v[0][1] >= 0 else []
+    for i in range(len(grid) - 1):
+        if v[i][1] < 0 <= v[i+1][1]:
+            b = _newton_in(lambda x: fgh(x)[1:], grid[i], grid[i+1])
+            cands.append((fgh(b)[0], b))
+    if v[-1][1] < 0: cands.append((v[-1][0], _BETA_HI))
+    b = min(cands)[1]
+    if b == _BETA_LO:
+        warnings.warn(f"{what}The NLL of the TTA combination is lowest at inverse temperature {_BETA_LO:g}: the passes predict "
+                      f"the targets no better than chance; returning temperature {1/_BETA_LO:g}")
+    if b == _BETA_HI:
+        warnings.warn(f"{what}The NLL of the TTA combination still falls at inverse temperature {_BETA_HI:g}: the data cannot "
+                      f"say how confident to be; leaving the temperature at 1")
+        return 1.
+    return b
+
+def _tta_affine(method:str, Z:Tensor, y:Tensor, w:Tensor, multilabel:bool, init:nn.Module)->nn.Module:
+    "`method`'s map fitted by L-BFGS on the NLL of TTA's combination (+ ODIR for Dirichlet), from `init`"
+    C = Z.shape[-1]
+    if method in ('vector', 'platt'):
+        theta,X = torch.stack([init.weight, init.bias]),Z
+        logits = lambda th: X*th[0] + th[1]
+    else:
+        theta = torch.cat([init.weight, init.bias[:, None]], 1)
+        X = F.log_softmax(Z, -1) if method == 'dirichlet' else Z
+        logits = lambda th: X @ th[:, :-1].T + th[:, -1]
+    pen = _odir(C, init.reg) if method == 'dirichlet' else None
+    nll = lambda zc: (F.binary_cross_entropy_with_logits if multilabel else F.cross_entropy)(_tta_combined(zc, w, multilabel), y)
+    def f(th, hess): return nll(logits(th)) + (0 if pen is None else (pen*th**2).sum())
+    theta = _lbfgs(theta, f)
+    if method in ('vector', 'platt'): return type(init)(theta[0], theta[1])
+    return (DirichletCalibration(theta[:, :-1], theta[:, -1], init.reg) if method == 'dirichlet'
+            else MatrixScaling(theta[:, :-1], theta[:, -1]))
+
+def _fit_tta_one(method:str, Z:Tensor, y:Tensor, w:Tensor, multilabel:bool, reg, n_folds:int, seed:int)->tuple:
+    "(calibrated-logits function, act) of `method` (not 'auto'): the map whose probabilities, combined as TTA combines them, have the lowest NLL"
+    keep = w > 0
+    Zk,lw = Z[keep],w[keep].log()
+    if method == 'temperature':
+        if multilabel:
+            betas = [1. if (Zk[..., c] == 0).all() else _min_beta(lambda b: _tta_sigmoid_fgh(Zk[..., c], y[:, c], lw, b), f"label {c}: ")
+                     for c in range(Z.shape[-1])]
+            m = SigmoidScaling(torch.tensor(betas, dtype=torch.float64), torch.zeros(Z.shape[-1], dtype=torch.float64))
+            return m.calibrated_logits,m
+        beta = 1. if ((Zk.amax(-1) - Zk.amin(-1)) == 0).all() else _min_beta(lambda b: _tta_softmax_fgh(Zk, y, lw, b))
+        return (lambda x: beta*x),BaseSoftmax(math.exp(beta))
+    with warnings.catch_warnings():                               # the start's own warnings are not the TTA fit's
+        warnings.simplefilter('ignore')
+        init = _fit_one(method, Z[-1], y, multilabel, reg, n_folds, seed)[1]
+    m = _tta_affine(method, Z, y, w, multilabel, init)
+    _warn_diverged(method, m, not multilabel and bool((_tta_combined(m.calibrated_logits(Z), w, False).argmax(1) == y).all()))
+    return m.calibrated_logits,m
+
+def _cross_fit_tta(method:str, Z:Tensor, y:Tensor, w:Tensor, multilabel:bool, reg, n_folds:int, seed:int,
+                   single_pass:bool=False)->tuple:
+    "(cross-fitted calibrated passes (K, N, C), [(function, act) per fold], fold): each item's passes mapped by the map fitted without its fold"
+    n_folds = check_int('n_folds', n_folds, 2)
+    if n_folds > Z.shape[1]: raise ValueError(f"`n_folds` must be at most the number of items ({Z.shape[1]}), got {n_folds}")
+    fold = _folds(y if y.ndim == 1 else y.sum(1), n_folds, check_int('seed', seed, 0))
+    out,fits = torch.empty_like(Z),[]
+    for k in range(n_folds):
+        o = fold == k
+        fits.append(_fit(method, Z[-1, ~o], y[~o], multilabel, reg, n_folds, seed) if single_pass
+                    else _fit_tta(method, Z[:, ~o], y[~o], w, multilabel, reg, n_folds, seed))
+        out[:, o] = fits[-1][0](Z[:, o])
+    return out,fits,fold
+
+def _select_tta(Z:Tensor, y:Tensor, w:Tensor, multilabel:bool, reg, n_folds:int, seed:int)->tuple:
+    "(method of lowest cross-fitted NLL of the TTA combination, {method: that NLL}); temperature alone if there are too few items"
+    methods = SIGMOID_SCALERS if multilabel else SCALERS
+    if Z.shape[1] < n_folds: return 'temperature',{}
+    nll = {m: _nll_of(_tta_combined(_cross_fit_tta(m, Z, y, w, multilabel, reg, n_folds, seed)[0], w, multilabel), y, multilabel)
+           for m in methods}
+    return min(methods, key=nll.__getitem__),nll
+
+def _fit_tta(method:str, Z:Tensor, y:Tensor, w:Tensor, multilabel:bool, reg, n_folds:int, seed:int)->tuple:
+    "(calibrated-logits function, act) of `method` fitted for TTA's combination, 'auto' chosen by cross-fitted NLL"
+    if method == 'auto': method = _select_tta(Z, y, w, multilabel, reg, n_folds, seed)[0]
+    return _fit_tta_one(method, Z, y, w, multilabel, reg, n_folds, seed)
+
+def fit_tta_scaler(passes:Tensor, # Every TTA pass's logits (n+1, N, C), the plain pass last (`tta_logits`)
+                   targs:Tensor, # Class indices (N,); multi-hot targets (N, C) if `multilabel`
+                   method:str='temperature', # As `fit_scaler`
+                   beta:float=0.25, # `tta`'s weight of the plain pass, in [0, 1]
+                   multilabel:bool=False, # Sigmoid outputs, one per label, instead of a softmax
+                   reg:float|None=None, # Dirichlet's ODIR strength; None: the one the plain pass's fit chooses
+                   n_folds:int=2, # Folds of the cross-fitted choices ('auto', Dirichlet's `reg`)
+                   seed:int=0, # Seed of their fold assignment
+                  )->nn.Module|BaseSoftmax:
+    "The map that, applied to every pass and combined as `tta` combines them (`combine_tta`), gives probabilities of lowest NLL"
+    Z,y = _check_passes(passes, targs, multilabel)
+    method,reg = _check_method(method, multilabel),_check_reg(reg)
+    return _fit_tta(method, Z, y, _tta_weights(len(Z), _check_beta(beta)), multilabel, reg,
+                    check_int('n_folds', n_folds, 2), check_int('seed', seed, 0))[1]
+
+def cross_fit_tta_scaler(passes:Tensor, # Every TTA pass's logits (n+1, N, C), the plain pass last (`tta_logits`)
+                         targs:Tensor, # Class indices (N,); multi-hot targets (N, C) if `multilabel`
+                         method:str='temperature', # As `fit_scaler`
+                         beta:float=0.25, # `tta`'s weight of the plain pass, in [0, 1]
+                         multilabel:bool=False, # Sigmoid outputs, one per label, instead of a softmax
+                         reg:float|None=None, # Dirichlet's ODIR strength; None: chosen inside each fold
+                         n_folds:int=2, # Folds; each item's map is fitted on the others
+                         seed:int=0, # Seed of the (class-stratified) fold assignment
+                         single_pass:bool=False, # Fit each fold's map on the plain pass alone (`fit_scaler`), as `calibrate()` does
+                        )->tuple:
+    "(probs, scalers, fold): each item's TTA-combined probabilities through the map fitted without its fold"
+    Z,y = _check_passes(passes, targs, multilabel)
+    method,reg,w = _check_method(method, multilabel),_check_reg(reg),_tta_weights(len(Z), _check_beta(beta))
+    zc,fits,fold = _cross_fit_tta(method, Z, y, w, multilabel, reg, n_folds, seed, single_pass)
+    return _probs(_tta_combined(zc, w, multilabel), multilabel),[f[1] for f in fits],fold
+
 # %% ../nbs/04_calibration.ipynb #0fda6d14
 @dataclass
 class CalibrationResult:
@@ -443,18 +693,30 @@ class CalibrationResult:
     temperatures:Tensor|None=None # Sigmoid learners: each label's temperature (`'temperature'`) or `1/scale` (`'platt'`)
     cv_nll:dict|None=None # `'auto'`: each method's cross-fitted NLL
     multilabel:bool=False # Sigmoid (multi-label) learner
-    act:object=field(default=None, repr=False) # The installed `default_act`
+    act:object=field(default=None, repr=False) # The installed map (`default_act`, or `tta_act` for `tta`)
+    tta:dict|None=None # `calibrate(tta=...)`: the `n` and `beta` fitted for; every number above is of TTA's combined probabilities
+    nll_single_pass:float=math.nan # `tta`: NLL of the TTA combination through the same method fitted on the plain pass alone
+    ece_single_pass:float=math.nan # `tta`: ECE of the same
+    nll_single_pass_cv:float=math.nan # `tta`: the same out of sample (each fold's plain-pass map fitted on the others)
+    ece_single_pass_cv:float=math.nan # `tta`: ECE of the same
+    n_items:int=0 # Items fitted and scored (pixels for a segmentation learner; at most `max_items`)
+    n_total:int=0 # Items there were before subsampling
 
     def __repr__(self):
         parts = [f"method={self.method!r}"]
+        if self.tta is not None: parts.append(f"tta={self.tta}")
         if not math.isnan(self.temperature): parts += [f"base={self.base:.4f}", f"temperature={self.temperature:.4f}"]
         if self.reg is not None: parts.append(f"reg={self.reg:g}")
         if self.temperatures is not None:
             ts = ', '.join(f"{t:.3g}" for t in self.temperatures[:8].tolist())
             parts.append(f"temperatures=[{ts}{', ...' if len(self.temperatures) > 8 else ''}]")
+        if self.n_total > self.n_items: parts.append(f"items={self.n_items} of {self.n_total}")
         for k,lbl in (('nll', 'nll'), ('ece', 'classwise ece' if self.multilabel else 'ece'), ('brier', 'brier'), ('error', 'error')):
             b,a,cv = (getattr(self, f"{k}_{s}") for s in ('before', 'after', 'after_cv'))
             parts.append(f"{lbl} {b:.4f} -> {a:.4f} (out of sample {cv:.4f})")
+        if self.tta is not None:
+            parts.append(f"single-pass map on TTA: nll {self.nll_single_pass:.4f} (out of sample {self.nll_single_pass_cv:.4f}), "
+                         f"ece {self.ece_single_pass:.4f} (out of sample {self.ece_single_pass_cv:.4f})")
         if self.cv_nll: parts.append('cross-fitted nll: ' + ', '.join(f"{m} {v:.4f}" for m,v in self.cv_nll.items()))
         return f"CalibrationResult({', '.join(parts)})"
 
@@ -470,11 +732,67 @@ def _scores(zc:Tensor, y:Tensor, multilabel:bool, n_bins:int, thresh:float)->tup
     else: t,yi,err = F.one_hot(y, p.shape[1]).double(),y,(zc.argmax(1) != y).double().mean().item()
     return (_nll_of(zc, y, multilabel),_ce(p, t, yi, n_bins, classwise=multilabel),((p - t)**2).sum(1).mean().item(),err)
 
+def _flat_targets(targs:Tensor, multilabel:bool)->Tensor:
+    "Single-label targets of shape (N, 1) (fastai's tabular DataLoaders) as (N,)"
+    if not multilabel and targs.ndim == 2 and targs.shape[1] == 1: return targs[:, 0]
+    return targs
+
 def _held_out(learn:Learner, dl, multilabel:bool)->tuple:
     "Logits and targets of `dl` (the validation set if None); single-label targets as (N,) (tabular gives (N, 1))"
     logits,targs = learn.get_preds(dl=dl, act=no_activation)  # explicit act: an installed default_act must not apply
-    if not multilabel and targs.ndim == 2 and targs.shape[1] == 1: targs = targs[:, 0]
-    return logits,targs
+    return logits,_flat_targets(targs, multilabel)
+
+def _check_tta(tta)->dict|None:
+    "None (no TTA), or `tta`'s `n` and `beta` to fit for, checked"
+    if tta is False or tta is None: return None
+    if tta is True: tta = {}
+    if not isinstance(tta, dict):
+        raise TypeError(f"`tta` must be a bool or a dict of `Learner.tta`'s 'n' and 'beta', got {type(tta).__name__} {tta!r}")
+    bad = sorted(set(tta) - {'n', 'beta', 'use_max'})
+    if bad: raise ValueError(f"`tta` takes the keys 'n', 'beta' and 'use_max' of `Learner.tta`, got {', '.join(map(repr, bad))}")
+    if tta.get('use_max', False):
+        raise ValueError("`tta` with use_max=True cannot be calibrated: a maximum of probabilities is not a probability (its rows "
+                         "do not sum to 1), so it has no likelihood to fit; use the mean (use_max=False)")
+    n = tta.get('n', 4)
+    try: n,beta = check_int('n', n, 1),_check_beta(tta.get('beta', 0.25))
+    except (TypeError, ValueError) as e: raise type(e)(str(e).replace('`n`', "`tta['n']`").replace('`beta`', "`tta['beta']`")) from None
+    return dict(n=n, beta=beta)
+
+def _calibrate_tta(learn:Learner, passes:Tensor, targs:Tensor, method:str, beta:float, multilabel:bool, reg, n_bins:int,
+                   n_folds:int, seed:int, max_items:int|None, thresh:float=0.5)->CalibrationResult:
+    "Fit `method` for TTA's combination (`beta`) of `passes` (n+1, N, C), score it, install it as `learn.tta_act`"
+    Z,y = _check_passes(passes, targs, multilabel)
+    n_total,tta = Z.shape[1],dict(n=len(Z) - 1, beta=beta)
+    idx = _subsample(n_total, max_items, seed)
+    if idx is not None: Z,y = Z[:, idx],y[idx]
+    w = _tta_weights(len(Z), beta)
+    comb = lambda zc: _tta_combined(zc, w, multilabel)
+    chosen,cv_nll = _select_tta(Z, y, w, multilabel, reg, n_folds, seed) if method == 'auto' else (method, None)
+    f,act = _fit_tta_one(chosen, Z, y, w, multilabel, reg, n_folds, seed)
+    with warnings.catch_warnings():                               # the single-pass fit's warnings are not this fit's
+        warnings.simplefilter('ignore')
+        f1 = _fit(method, Z[-1], y, multilabel, reg, n_folds, seed)[0]
+    sc = lambda zc: _scores(comb(zc), y, multilabel, n_bins, thresh)
+    (nb,eb,bb,rb),(na,ea,ba,ra),(n1,e1,_,_) = sc(Z),sc(f(Z)),sc(f1(Z))
+    res = CalibrationResult(base=math.nan, temperature=math.nan, nll_before=nb, nll_after=na, ece_before=eb, ece_after=ea,
+                            method=chosen, error_before=rb, error_after=ra, brier_before=bb, brier_after=ba, cv_nll=cv_nll,
+                            multilabel=multilabel, act=act, tta=dict(tta), nll_single_pass=n1, ece_single_pass=e1,
+                            n_items=Z.shape[1], n_total=n_total)
+    _describe(res, act)
+    if Z.shape[1] >= n_folds:
+        res.nll_after_cv,res.ece_after_cv,res.brier_after_cv,res.error_after_cv = sc(_cross_fit_tta(method, Z, y, w, multilabel, reg, n_folds, seed)[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            zs = _cross_fit_tta(method, Z, y, w, multilabel, reg, n_folds, seed, single_pass=True)[0]
+        res.nll_single_pass_cv,res.ece_single_pass_cv = sc(zs)[:2]
+    learn.tta_act,learn.tta_params = act,tta
+    return res
+
+def _describe(res:CalibrationResult, act):
+    "Fill in what the fitted map is: its base and temperature, Dirichlet's strength, the sigmoid temperatures"
+    if isinstance(act, BaseSoftmax): res.base,res.temperature = act.base,act.temperature
+    if isinstance(act, DirichletCalibration): res.reg = act.reg
+    if isinstance(act, SigmoidScaling): res.temperatures = act.temperatures
 
 @patch
 def calibrate(self:Learner,
@@ -482,37 +800,59 @@ def calibrate(self:Learner,
               dl=None, # Held-out `DataLoader` to fit on; None: the validation set
               n_bins:int=15, # Bins of the ECE it reports
               n_folds:int=2, # Folds of the out-of-sample (`_cv`) numbers and of the cross-fitted choices ('auto', Dirichlet's `reg`)
-              seed:int=0, # Seed of their fold assignment
+              seed:int=0, # Seed of their fold assignment, of the item subsample and of the TTA passes
               reg:float|None=None, # Dirichlet's ODIR strength; None: the `DIRICHLET_REGS` value of lowest cross-fitted NLL
+              tta:bool|dict=False, # Fit the map for `tta`'s combined output and install it as `tta_act`: True, or a dict of tta's `n`, `beta`
+              max_items:int|None=MAX_ITEMS, # Fit and score on at most this many items (pixels), a seeded subsample; None: all
              )->CalibrationResult:
-    "Fit a calibration map on held-out logits by NLL and install it as `default_act`"
+    "Fit a calibration map on held-out logits by NLL; install it as `default_act` (`tta`: as `tta_act`, for `Learner.tta`)"
     multilabel = _is_sigmoid_loss(self.loss_func)
-    method,reg = _check_method(method, multilabel),_check_reg(reg)
+    method,reg,tta = _check_method(method, multilabel),_check_reg(reg),_check_tta(tta)
     n_bins,n_folds,seed = _check_n_bins(n_bins),check_int('n_folds', n_folds, 2),check_int('seed', seed, 0)
+    if max_items is not None: max_items = check_int('max_items', max_items, n_folds)
     if dl is None and (len(self.dls.loaders) < 2 or len(self.dls.valid_ds) == 0):
         raise ValueError("`dl` is None and the learner has no validation set to calibrate on; pass a held-out `dl`")
+    thresh = getattr(self.loss_func, 'thresh', 0.5)
+    if tta is not None:
+        passes,targs = tta_logits(self, dl, n=tta['n'], seed=seed)
+        if passes.ndim > 3 and not multilabel:
+            raise ValueError(f"`tta` cannot be calibrated per pixel (logits of shape {tuple(passes.shape[1:])}): fastai's `tta` "
+                             "averages augmented passes without undoing their flips and zooms, so its pixels do not line up")
+        return _calibrate_tta(self, passes, _flat_targets(targs, multilabel), method, tta['beta'], multilabel, reg, n_bins,
+                              n_folds, seed, max_items, thresh)
     logits,targs = _held_out(self, dl, multilabel)
+    ndim,axis = logits.ndim,-1
+    if not multilabel:                                       # every position (pixel) an item, classes on the loss's axis
+        if ndim > 2: axis = _class_axis(self.loss_func)
+        if ndim > 2 or targs.ndim == 1: logits,targs = _as_items(logits, targs, axis, _ignore_index(self.loss_func))
     z,y = _check_logits(logits, targs, multilabel)
+    n_total = len(z)
+    idx = _subsample(n_total, max_items, seed)
+    if idx is not None: z,y = z[idx],y[idx]
     chosen,cv_nll = _select(z, y, multilabel, reg, n_folds, seed) if method == 'auto' else (method, None)
     f,act = _fit_one(chosen, z, y, multilabel, reg, n_folds, seed)
-    thresh = getattr(self.loss_func, 'thresh', 0.5)
     (nb,eb,bb,rb),(na,ea,ba,ra) = _scores(z, y, multilabel, n_bins, thresh),_scores(f(z), y, multilabel, n_bins, thresh)
     res = CalibrationResult(base=math.nan, temperature=math.nan, nll_before=nb, nll_after=na, ece_before=eb, ece_after=ea,
                             method=chosen, error_before=rb, error_after=ra, brier_before=bb, brier_after=ba,
-                            cv_nll=cv_nll, multilabel=multilabel, act=act)
-    if isinstance(act, BaseSoftmax): res.base,res.temperature = act.base,act.temperature
-    if isinstance(act, DirichletCalibration): res.reg = act.reg
-    if isinstance(act, SigmoidScaling): res.temperatures = act.temperatures
+                            cv_nll=cv_nll, multilabel=multilabel, act=act, n_items=len(y), n_total=n_total)
+    _describe(res, act)
     if len(y) >= n_folds:                                    # out of sample: fitted without the items it scores
         zcv = _cross_fit_method(method, z, y, multilabel, reg, n_folds, seed)[0]
         res.nll_after_cv,res.ece_after_cv,res.brier_after_cv,res.error_after_cv = _scores(zcv, y, multilabel, n_bins, thresh)
-    self.default_act = act
+    self.default_act = res.act = _on_axis(act, axis, ndim)
     return res
 
+_RESETS = ('all', 'single', 'tta')
+
 @patch
-def reset_calibration(self:Learner):
-    "Remove the map `calibrate` installed: `get_preds` goes back to the loss's activation"
-    if 'default_act' in self.__dict__: del self.default_act
+def reset_calibration(self:Learner,
+                      which:str='all', # 'all': both maps; 'single': `default_act` (`get_preds`, `predict`); 'tta': `tta_act` (`tta`)
+                     ):
+    "Remove the maps `calibrate` installed: `get_preds` and `tta` go back to the loss's activation"
+    _check_choice('which', which, _RESETS)
+    names = {'all': ('default_act', 'tta_act', 'tta_params'), 'single': ('default_act',), 'tta': ('tta_act', 'tta_params')}[which]
+    for n in names:
+        if n in self.__dict__: delattr(self, n)
 
 # %% ../nbs/04_calibration.ipynb #4d0902f7
 @patch
@@ -530,9 +870,14 @@ def show_reliability(self:Learner,
     "Reliability diagram of `get_preds` on `dl` (the validation set if None), calibrated or not"
     sigmoid = _is_sigmoid_loss(self.loss_func)
     logits,targs = _held_out(self, dl, sigmoid)
+    axis = _class_axis(self.loss_func) if logits.ndim > 2 and not sigmoid else -1
     act = getattr(self, 'default_act', None) if calibrated else None
     if act is not None: probs = act(logits)
-    else: probs = torch.sigmoid(logits.float()) if sigmoid else F.softmax(logits.float(), dim=-1)
+    else: probs = torch.sigmoid(logits.float()) if sigmoid else F.softmax(logits.float(), dim=axis)
+    if axis != -1:                                               # per pixel: every pixel an item, as `calibrate` fits them
+        probs,targs = _as_items(probs, targs, axis, _ignore_index(self.loss_func), 'probs')
+        idx = _subsample(len(targs), MAX_ITEMS, seed)
+        if idx is not None: probs,targs = probs[idx],targs[idx]
     if title is None: title = (('sigmoid' if sigmoid else 'softmax') if act is None else f"base {act.base:.4g}"
                                if isinstance(act, BaseSoftmax) else getattr(act, '__name__', type(act).__name__))
     if sigmoid and probs.ndim == 1: probs,targs = probs[:, None],targs.reshape(-1, 1)

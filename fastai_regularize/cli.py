@@ -19,9 +19,9 @@ from .data import DataError, DataWarning, digits_folder, image_folder_dls, get_t
 from .safe import ModelFileError, PickleWarning, MODEL_SUFFIXES, resolve_arch as _resolve_arch
 
 # %% auto #0
-__all__ = ['PROG', 'COMMANDS', 'USAGE', 'UsageError', 'resolve_arch', 'image_task', 'read_sample_submission', 'predict_files',
-           'write_submission', 'export_kind', 'export_learner', 'load_model', 'check_dest', 'check_fit_paths', 'fit',
-           'predict', 'compare', 'kaggle_dataset', 'main']
+__all__ = ['PROG', 'COMMANDS', 'USAGE', 'UsageError', 'resolve_arch', 'image_task', 'read_sample_submission', 'predict_probs',
+           'predict_files', 'write_submission', 'export_kind', 'export_learner', 'load_model', 'check_dest',
+           'check_fit_paths', 'write_probabilities', 'fit', 'predict', 'compare', 'kaggle_dataset', 'main']
 
 # %% ../nbs/06_cli.ipynb #bf65ba42
 if __name__ == '__main__' and getattr(__spec__, 'name', None) == 'fastai_regularize.cli':  # not in a notebook
@@ -104,6 +104,18 @@ def read_sample_submission(sample:str|Path, # Kaggle sample_submission.csv
     return df,id_col,lbl_col
 
 # %% ../nbs/06_cli.ipynb #a8b105f7
+def predict_probs(learn, # A trained or loaded `Learner`
+                  files:list, # Image files
+                  seed:int=42, # Seed of the TTA augmentations
+                  tta:dict|None=None, # `learn.tta`'s n, beta, use_max; None: those of its TTA calibration, else tta's defaults
+                 ):
+    "TTA probabilities (N, C) of `files`: `learn.tta()`, with the `n`/`beta` of its TTA calibration if it has one"
+    from fastai.torch_core import set_seed
+    dl = learn.dls.test_dl(files)
+    getattr(learn.dls, 'n_inp', None)  # before seeding: fastai finds it lazily, drawing random numbers (see `tta_logits`)
+    set_seed(seed, reproducible=True)
+    return learn.tta(dl=dl, **(tta if tta is not None else getattr(learn, 'tta_params', {})))[0]
+
 def predict_files(learn, # A trained or loaded `Learner`
                   files:list, # Image files
                   seed:int=42, # Seed of the TTA augmentations
@@ -111,10 +123,7 @@ def predict_files(learn, # A trained or loaded `Learner`
                   tta:dict|None=None, # `learn.tta`'s n, beta, use_max; None: its defaults
                  )->list:
     "Class names predicted for `files` with TTA (and their probabilities if `with_probs`)"
-    from fastai.torch_core import set_seed
-    dl = learn.dls.test_dl(files)
-    set_seed(seed, reproducible=True)
-    probs,_ = learn.tta(dl=dl, **(tta or {}))
+    probs = predict_probs(learn, files, seed, tta)
     labels = [str(learn.dls.vocab[i]) for i in probs.argmax(1).tolist()]
     return (labels,probs) if with_probs else labels
 
@@ -222,6 +231,58 @@ def _exportable(task, fn:str):
         return learn
     return dataclasses.replace(task, make_learner=make_learner)
 
+# %% ../nbs/06_cli.ipynb #5a4c4cd4
+def _class_frequencies(dls)->list:
+    "Each class's share of the training set (from the items' folder names), in the vocab's order"
+    from fastai.data.transforms import parent_label
+    counts = Counter(parent_label(f) for f in dls.train_ds.items)
+    return [counts.get(str(v), 0)/sum(counts.values()) for v in dls.vocab]
+
+def write_probabilities(names:list, # Item ids (image file names), one per row of `probs`
+                        probs, # Probabilities (N, C), rows summing to 1 (`predict_probs`)
+                        vocab:list, # Class names, one per column of `probs` (`learn.dls.vocab`)
+                        out:str|Path, # CSV to write: the id column, then one column per class
+                        sample:str|Path|None=None, # Kaggle sample submission with an id column and one column per class, to fill
+                        fill:list|None=None, # Probabilities (C,) for sample rows whose image exists but was unreadable; None: uniform
+                        unreadable:list=(), # Names of such images
+                        id_col:str='image_id', # Name of the id column when there is no `sample`
+                       ):
+    "Write `image_id,<class>,...` with one probability per class to `out`, or `sample` with its class columns filled; return the `DataFrame`"
+    import pandas as pd
+    p = torch.as_tensor(probs).detach().cpu().double()
+    vocab = [str(v) for v in vocab]
+    if p.ndim != 2 or p.shape != (len(names), len(vocab)):
+        raise ValueError(f"`probs` must have one row per name and one column per class, ({len(names)}, {len(vocab)}), got {tuple(p.shape)}")
+    if not torch.isfinite(p).all() or (p < 0).any() or (p > 1).any() or ((p.sum(1) - 1).abs() > 1e-4).any():
+        raise ValueError("`probs` must be probabilities: every value in [0, 1], every row summing to 1 (not logits)")
+    if len(set(vocab)) != len(vocab): raise ValueError(f"`vocab` must name each class once, got {vocab}")
+    rows = dict(zip(names, p.tolist()))
+    if sample is None: df = pd.DataFrame([[n, *r] for n,r in zip(names, p.tolist())], columns=[id_col, *vocab])
+    else:
+        sample = Path(sample)
+        if not sample.is_file(): raise UsageError(f"sample submission {sample} does not exist")
+        df = pd.read_csv(sample, dtype=str, keep_default_na=False)
+        sid = 'image_id' if 'image_id' in df.columns else df.columns[0]
+        others = [c for c in df.columns if c != sid]
+        if sorted(others) != sorted(vocab):
+            raise UsageError(f"sample submission {sample.name}: its columns {others} are not the model's classes {vocab}; "
+                             "--probs fills one column per class (without --probs, a label column)")
+        bad = set(unreadable)
+        missing = [i for i in df[sid] if i not in rows and i not in bad]
+        if missing:
+            raise UsageError(f"{len(missing)} image(s) listed in {sample.name} are not in the test folder: "
+                             + ', '.join(missing[:10]) + (' ...' if len(missing) > 10 else ''))
+        fill = [1/len(vocab)]*len(vocab) if fill is None else [float(v) for v in fill]
+        filled = [i for i in df[sid] if i not in rows]
+        if filled:
+            warnings.warn(f"{len(filled)} unreadable test image(s) got the training set's class frequencies: {', '.join(filled)}", DataWarning)
+        vals = [rows.get(i, fill) for i in df[sid]]
+        for j,c in enumerate(vocab): df[c] = [v[j] for v in vals]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False, float_format='%.9g')
+    return df
+
 # %% ../nbs/06_cli.ipynb #164bb3e9
 def _table(rows:dict)->str:
     w = max(map(len, rows))
@@ -266,7 +327,7 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
         no_mixup:store_true=False, # Train without MixUp
         no_ls:store_true=False, # Plain cross-entropy instead of label smoothing
         cutmix:store_true=False, # CutMix instead of MixUp
-        calibrate:store_true=False, # Fit a softmax temperature on the validation set; report NLL and ECE before/after (out of sample)
+        calibrate:store_true=False, # Fit softmax temperatures on the validation set, for single predictions and for TTA (the submission); report NLL and ECE before/after (out of sample)
         reliability:str=None, # With --calibrate: save reliability diagrams before/after calibration to this PNG
         test_dir:str=None, # Folder of test images to predict with TTA
         sample_submission:str=None, # Kaggle sample_submission.csv whose label column to fill (needs --test-dir)
@@ -274,12 +335,14 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
         export:str=None, # Save the trained learner: x.safetensors (a safe bundle: weights and JSON, no pickle) or x.pkl (learn.export, a pickle)
         conformalize:store_true=False, # Store APS conformal scores of the validation set's TTA probabilities (after --calibrate) in the --export learner, for predict --sets
         seed:int=42, # Random seed (split, initialisation, order, TTA)
+        probs:store_true=False, # Write each class's TTA probability (calibrated with --calibrate) instead of the label (needs --test-dir)
        ):
     "Train a vision_learner with label smoothing and MixUp/CutMix, report error/TTA error/loss, write a submission"
     from fastai_regularize.experiment import train_run, evaluate, show_bars
     if sample_submission is not None and test_dir is None: raise UsageError("--sample-submission needs --test-dir")
     if reliability is not None and not calibrate: raise UsageError("--reliability needs --calibrate")
     if conformalize and export is None: raise UsageError("--conformalize needs --export (predict --sets reads the exported learner)")
+    if probs and test_dir is None: raise UsageError("--probs needs --test-dir")
     resolve_arch(arch)
     epochs,lr,seed = _check_int('epochs', epochs),_check('lr', lr, lo=0, lo_open=True, hi=10),_check_int('seed', seed, 0)
     test_files,all_names = check_fit_paths(path, test_dir, sample_submission, submission, export, reliability)
@@ -302,11 +365,17 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
         with quiet(): pred = learn.conformalize(score='aps', tta=True, seed=seed)
         print(f"conformal: APS scores of {pred.n} validation images (TTA) stored for predict --sets")
     if test_files is not None:
-        with quiet(): labels = predict_files(learn, test_files, seed=seed)
         readable = {f.name for f in test_files}
-        write_submission([f.name for f in test_files], labels, submission, sample_submission,
-                         fill_label=_majority_label(learn.dls), unreadable=[n for n in all_names if n not in readable])
-        print(f"wrote {len(labels)} predictions to {submission}")
+        unreadable = [n for n in all_names if n not in readable]
+        if probs:
+            with quiet(): p = predict_probs(learn, test_files, seed=seed)
+            write_probabilities([f.name for f in test_files], p, learn.dls.vocab, submission, sample_submission,
+                                fill=_class_frequencies(learn.dls), unreadable=unreadable)
+        else:
+            with quiet(): labels = predict_files(learn, test_files, seed=seed)
+            write_submission([f.name for f in test_files], labels, submission, sample_submission,
+                             fill_label=_majority_label(learn.dls), unreadable=unreadable)
+        print(f"wrote {len(test_files)} {'probabilities' if probs else 'predictions'} to {submission}")
     if export is not None:
         export_learner(learn, export)
         print(f"exported the learner to {export}" + (" (a safe bundle)" if export_kind(export) == 'safetensors' else " (a pickle)"))
@@ -340,24 +409,29 @@ def _set_columns(sets, probs, vocab:list)->dict:
 
 def predict(model:str, # Model saved by `fit --export`: x.safetensors (a safe bundle) or x.pkl (a pickle: loading it runs its author's code)
             dir:str, # Folder of images to predict
-            out:str='preds.csv', # CSV to write: image_id,label
+            out:str='preds.csv', # CSV to write: image_id,label (--probs: image_id and one column per class)
             seed:int=42, # Seed of the TTA augmentations (use fit's to reproduce its submission)
             sets:float=None, # Also write each image's conformal prediction set at this coverage, e.g. 0.9 (needs fit --conformalize): columns set, set_size
             trust:store_true=False, # Load a .pkl even if another user owns it or the group/others can write it
+            probs:store_true=False, # Write each class's TTA probability (calibrated if the learner was) instead of the label
            ):
     "Write TTA predictions for a folder of images; a .safetensors model is data, a .pkl one runs its author's code when loaded"
     import fastai_regularize.activations  # noqa: F401 (a calibrated `default_act` applies)
     alpha = None if sets is None else _alpha_of(_check('sets', sets, lo=0, hi=1, lo_open=True, hi_open=True))
+    if probs and sets is not None: raise UsageError("--probs and --sets: choose one (a probability file has one column per class; sets go beside the labels)")
     export_kind(model, 'model')
     if not Path(model).exists(): raise UsageError(f"model {model} does not exist")
     check_dest(out, '--out')
     files = get_test_images(dir)
     learn = load_model(model, trust=trust)
     pred = None if alpha is None else _conformal_of(learn, Path(model))
-    labels,probs = predict_files(learn, files, seed=seed, with_probs=True, tta=None if pred is None else pred.tta)
-    extra = None if pred is None else _set_columns(pred.sets(probs, alpha), probs, [str(v) for v in learn.dls.vocab])
-    write_submission([f.name for f in files], labels, out, extra=extra)
-    print(f"wrote {len(labels)} predictions to {out}")
+    names = [f.name for f in files]
+    if probs: write_probabilities(names, predict_probs(learn, files, seed=seed), learn.dls.vocab, out)
+    else:
+        labels,p = predict_files(learn, files, seed=seed, with_probs=True, tta=None if pred is None else pred.tta)
+        extra = None if pred is None else _set_columns(pred.sets(p, alpha), p, [str(v) for v in learn.dls.vocab])
+        write_submission(names, labels, out, extra=extra)
+    print(f"wrote {len(files)} {'probabilities' if probs else 'predictions'} to {out}")
 
 # %% ../nbs/06_cli.ipynb #0f9a33e8
 def compare(path:str=None, # Image folder as for fit (default: the digits)

@@ -22,16 +22,16 @@ import fastai.callback.schedule  # noqa: F401 (`Learner.fit_one_cycle`)
 import fastai.callback.progress  # noqa: F401 (`Learner.no_bar`)
 
 from .core import check_int, check_number
-from .activations import no_activation
+from .activations import no_activation, tta_logits, combine_tta
 from .losses import LabelSmoothingCrossEntropyFlat
 from .mixup import MixUp, CutMix, RegMixUp
 from .manifold import ManifoldMixUp
-from .calibration import expected_calibration_error  # noqa: F401 (patches `Learner.calibrate`)
+from .calibration import _calibrate_tta  # (and patches `Learner.calibrate`)
 
 # %% auto #0
-__all__ = ['CONFIGS', 'METRICS', 'RUN_COLUMNS', 'INFO_COLUMNS', 'Config', 'register_config', 'get_configs', 'Task', 'show_bars',
-           'epoch_lines', 'train_run', 'evaluate', 't_quantile', 'paired_ci', 'summarize', 'read_runs',
-           'SettingsMismatch', 'run_experiment', 'format_summary', 'plot_experiment']
+__all__ = ['CONFIGS', 'TTA_N', 'TTA_BETA', 'METRICS', 'RUN_COLUMNS', 'INFO_COLUMNS', 'Config', 'register_config', 'get_configs',
+           'Task', 'show_bars', 'epoch_lines', 'train_run', 'evaluate', 't_quantile', 'paired_ci', 'summarize',
+           'read_runs', 'SettingsMismatch', 'run_experiment', 'format_summary', 'plot_experiment']
 
 # %% ../nbs/05a_experiment.ipynb #d995ea22
 def _factory_desc(f)->str:
@@ -163,39 +163,47 @@ def train_run(task:Task, # What to train
     return learn
 
 # %% ../nbs/05a_experiment.ipynb #76b40949
+TTA_N,TTA_BETA = 4,0.25  # `Learner.tta`'s defaults: the TTA that `evaluate`, `fit` and `compare` measure and submit
+
 def _evaluate(learn:Learner, seed:int=42, tta:bool=True, calibrate:bool=True, n_folds:int=2, bars:bool|None=None)->tuple:
-    "(metrics, logits, targets) of the validation set"
+    "(metrics, logits, targets, TTA passes (n+1, N, C) or None) of the validation set"
     if bars is None: bars = show_bars()
     if not bars:
         with learn.no_bar(): return _evaluate(learn, seed, tta, calibrate, n_folds, bars=True)
     logits,targs = learn.get_preds(dl=learn.dls.valid, act=no_activation)
     logits,targs = logits.float().as_subclass(torch.Tensor),targs.long().as_subclass(torch.Tensor)
     if targs.ndim == 2 and targs.shape[1] == 1: targs = targs[:, 0]  # tabular DataLoaders give (N, 1) class indices
-    res = dict(error_rate=(logits.argmax(1) != targs).float().mean().item())
+    res,passes = dict(error_rate=(logits.argmax(1) != targs).float().mean().item()),None
     if tta:
-        set_seed(seed, reproducible=True)
-        probs,_ = learn.tta(dl=learn.dls.valid, act=partial(F.softmax, dim=-1))
+        passes = tta_logits(learn, dl=learn.dls.valid, n=TTA_N, seed=seed)[0].float()
+        probs = combine_tta(torch.stack([F.softmax(p, dim=-1) for p in passes]), TTA_BETA)   # `tta()`'s, pass by pass
         res['tta_error_rate'] = (probs.argmax(1) != targs).float().mean().item()
     if calibrate:
-        c = learn.calibrate(n_folds=n_folds, seed=seed)
+        c = learn.calibrate(n_folds=n_folds, seed=seed, max_items=None)
         res.update(nll=c.nll_before, ece=c.ece_before, temperature=c.temperature, nll_calibrated=c.nll_after_cv,
                    ece_calibrated=c.ece_after_cv, nll_calibrated_in_sample=c.nll_after, ece_calibrated_in_sample=c.ece_after)
-    return res,logits,targs
+        if tta:
+            t = _calibrate_tta(learn, passes, targs, 'temperature', TTA_BETA, False, None, 15, n_folds, seed, None)
+            res.update(tta_nll=t.nll_before, tta_ece=t.ece_before, tta_temperature=t.temperature,
+                       tta_nll_calibrated=t.nll_after_cv, tta_ece_calibrated=t.ece_after_cv,
+                       tta_nll_single_t=t.nll_single_pass_cv, tta_ece_single_t=t.ece_single_pass_cv)
+    return res,logits,targs,passes
 
 def evaluate(learn:Learner, # A trained `Learner`
              seed:int=42, # Seed of the TTA passes and of the calibration folds
-             tta:bool=True, # Also the error rate with test-time augmentation
-             calibrate:bool=True, # Also NLL, ECE, the temperature, and NLL/ECE after it (out of sample)
+             tta:bool=True, # Also the error rate with test-time augmentation (and, with `calibrate`, TTA's NLL/ECE and temperature)
+             calibrate:bool=True, # Also NLL, ECE, the temperature, and NLL/ECE after it (out of sample); installs the temperatures
              n_folds:int=2, # Folds of the out-of-sample calibration numbers
              bars:bool|None=None, # fastai's progress bars while predicting; None: `show_bars()`
             )->dict:
-    "Error rate, TTA error rate, NLL, ECE, fitted temperature and out-of-sample calibrated NLL/ECE of the validation set"
+    "Error rate, TTA error rate, NLL, ECE, fitted temperature and out-of-sample calibrated NLL/ECE of the validation set, single-pass and TTA"
     return _evaluate(learn, seed, tta, calibrate, n_folds, bars)[0]
 
 # %% ../nbs/05a_experiment.ipynb #b69537ff
 METRICS = ('error_rate', 'tta_error_rate', 'nll', 'ece', 'temperature', 'nll_calibrated', 'ece_calibrated',
-           'nll_calibrated_in_sample', 'ece_calibrated_in_sample', 'seconds_per_epoch')
-_NO_WINNER = ('temperature', 'seconds_per_epoch')  # no direction is better (or the machine decides it)
+           'nll_calibrated_in_sample', 'ece_calibrated_in_sample', 'tta_nll', 'tta_ece', 'tta_temperature',
+           'tta_nll_calibrated', 'tta_ece_calibrated', 'tta_nll_single_t', 'tta_ece_single_t', 'seconds_per_epoch')
+_NO_WINNER = ('temperature', 'tta_temperature', 'seconds_per_epoch')  # no direction is better (or the machine decides it)
 
 def t_quantile(p:float, # Probability
                df:int, # Degrees of freedom
@@ -321,18 +329,44 @@ def _check_settings(rows:list, settings:dict, configs:list, fn:Path):
             raise SettingsMismatch(f"{fn} holds runs made with {k}={old!r}, this run has {k}={new!r}{more}: "
                                    "start over with --fresh (fresh=True) or use another --out")
 
+def _upgrade_runs(fn:Path, cols:list):
+    "Rewrite `fn` with the header `cols` if it has fewer columns (its rows blank in the new ones), atomically; refuse others"
+    if not fn.exists() or fn.stat().st_size == 0: return
+    with open(fn, newline='') as f: header = next(csv.reader(f), [])
+    if header == cols: return
+    extra = [c for c in header if c not in cols]
+    if extra: raise SettingsMismatch(f"{fn} has column(s) {', '.join(map(repr, extra))} that this version does not write: it was "
+                                     "written by another kind of experiment; start over with --fresh (fresh=True) or use another --out")
+    rows,added = read_runs(fn),[c for c in cols if c not in header]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator='\n')
+    w.writeheader()
+    for r in rows: w.writerow({k: r.get(k, '') for k in cols})
+    tmp = fn.with_name(f".{fn.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, 'w', newline='') as f: f.write(buf.getvalue()); f.flush(); os.fsync(f.fileno())
+        with _sigint_held(): os.replace(tmp, fn)
+    finally:
+        if tmp.exists(): tmp.unlink()
+    if added: print(f"{fn}: upgraded to this version's columns (added {', '.join(added)}; blank for its {len(rows)} finished run(s))", flush=True)
+
 # %% ../nbs/05a_experiment.ipynb #830124ff
 RUN_COLUMNS = ['config', 'seed', *METRICS[:-1], 'seconds_per_epoch', 'wall_seconds', 'fit_cpu_seconds', 'cpu_seconds',
                'n_train', 'n_valid', 'valid_targets_sha1', 'valid_error_by_epoch', 'train_loss_by_epoch']
 INFO_COLUMNS = ['device', 'cores', 'threads', 'load_1min', 'python', 'finished']
 _OUT_FILES = ('runs.csv', 'summary.csv', 'summary.json', 'summary.md', 'compare.png')
 
+def _saved_preds(logits:torch.Tensor, targs:torch.Tensor, passes:torch.Tensor|None)->dict:
+    "What `preds/{config}__s{seed}.pt` holds: the logits and targets, and every TTA pass's logits if TTA was measured"
+    return {'logits': logits, 'targs': targs, **({} if passes is None else {'tta_logits': passes, 'tta_beta': TTA_BETA})}
+
 def _run_line(r:dict)->str:
     pct = lambda k: f"{100*r[k]:.2f}%" if k in r else '-'
     num = lambda k, f: f"{r[k]:{f}}" if k in r else '-'
     return (f"error {pct('error_rate')}  TTA {pct('tta_error_rate')}  NLL {num('nll', '.4f')}  ECE {pct('ece')}  "
             f"T {num('temperature', '.3f')}  NLL cal {num('nll_calibrated', '.4f')}  ECE cal {pct('ece_calibrated')}  "
-            f"{r['seconds_per_epoch']:.1f} s/epoch")
+            f"TTA NLL {num('tta_nll', '.4f')}  ECE {pct('tta_ece')}  cal {num('tta_nll_calibrated', '.4f')}  "
+            f"{pct('tta_ece_calibrated')}  {r['seconds_per_epoch']:.1f} s/epoch")
 
 def run_experiment(task:Task, # What to train: data, learner and their settings
                    configs:str|list='baseline,label_smoothing,mixup,mixup+ls,cutmix', # Registered names or `Config`s
@@ -367,6 +401,7 @@ def run_experiment(task:Task, # What to train: data, learner and their settings
     cols = RUN_COLUMNS + list(settings) + ['config_desc'] + INFO_COLUMNS
     done = read_runs(fn)
     _check_settings(done, settings, configs, fn)
+    _upgrade_runs(fn, cols)
     have = {(r['config'], int(r['seed'])) for r in done}
     todo = [(s, c) for s in seeds for c in configs if (c.name, s) not in have]
     if done: print(f"{fn}: {len(done)} finished run(s) found; {len(todo)} to go (--fresh, fresh=True: start over)", flush=True)
@@ -379,13 +414,13 @@ def run_experiment(task:Task, # What to train: data, learner and their settings
         t0,cpu0 = time.perf_counter(),_cpu_seconds()
         try:
             learn = train_run(task, c, seed, epochs, lr, bars=bars, prefix=f"{name}  ")
-            res,logits,targs = _evaluate(learn, seed, tta=tta, calibrate=True, n_folds=n_folds, bars=bars)
+            res,logits,targs,passes = _evaluate(learn, seed, tta=tta, calibrate=True, n_folds=n_folds, bars=bars)
             h = hashlib.sha1(targs.numpy().tobytes()).hexdigest()[:16]
             if sha is not None and h != sha:
                 raise ValueError(f"{name}: the validation set differs from the earlier runs' in {fn}: `make_dls` must give the "
                                  "same validation set, in the same order, for every seed")
             sha = h
-            _atomic_save({'logits': logits, 'targs': targs}, out/'preds'/f"{c.name}__s{seed}.pt")
+            _atomic_save(_saved_preds(logits, targs, passes), out/'preds'/f"{c.name}__s{seed}.pt")
             row = dict(config=c.name, seed=seed, **res, seconds_per_epoch=learn.seconds_per_epoch, wall_seconds=time.perf_counter() - t0,
                        fit_cpu_seconds=learn.cpu_seconds, cpu_seconds=_cpu_seconds() - cpu0, n_train=len(learn.dls.train_ds), n_valid=len(targs),
                        valid_targets_sha1=h, valid_error_by_epoch=learn.epoch_values.get('error_rate', []),
@@ -418,8 +453,10 @@ def run_experiment(task:Task, # What to train: data, learner and their settings
 # %% ../nbs/05a_experiment.ipynb #1ea45a6e
 _SHOW = (('error_rate', 'error', '%'), ('tta_error_rate', 'TTA error', '%'), ('nll', 'NLL', '.3f'), ('ece', 'ECE', '%'),
          ('temperature', 'T', '.2f'), ('nll_calibrated', 'NLL cal.', '.3f'), ('ece_calibrated', 'ECE cal.', '%'),
-         ('seconds_per_epoch', 's/epoch', '.1f'))
-_DIFFS = ('error_rate', 'tta_error_rate', 'nll', 'ece', 'nll_calibrated', 'ece_calibrated')
+         ('tta_nll', 'TTA NLL', '.3f'), ('tta_ece', 'TTA ECE', '%'), ('tta_nll_calibrated', 'TTA NLL cal.', '.3f'),
+         ('tta_ece_calibrated', 'TTA ECE cal.', '%'), ('seconds_per_epoch', 's/epoch', '.1f'))
+_DIFFS = ('error_rate', 'tta_error_rate', 'nll', 'ece', 'nll_calibrated', 'ece_calibrated', 'tta_nll', 'tta_ece',
+          'tta_nll_calibrated', 'tta_ece_calibrated')
 
 def _num(v:float, f:str, sign:bool=False)->str:
     if f == '%': v,f = 100*v,'.2f'
@@ -431,7 +468,8 @@ def format_summary(summary, # `summarize`'s DataFrame
     "Markdown tables: mean ± std over seeds per configuration, and the paired differences to the reference with 95% CIs"
     s = summary.set_index(['config', 'metric'])
     configs,ref = list(dict.fromkeys(summary['config'])),summary['reference'].iloc[0]
-    shown = [(m, h, f) for m,h,f in _SHOW if m in set(summary['metric'])]
+    measured = set(summary.loc[summary['mean'].notna(), 'metric'])
+    shown = [(m, h, f) for m,h,f in _SHOW if m in measured]   # a metric no run measured (TTA of a table): no column
     n = {c: int(s.loc[(c, 'error_rate')]['n']) if (c, 'error_rate') in s.index else 0 for c in configs}
     def cell(c, m, f):
         r = s.loc[(c, m)]
@@ -439,7 +477,9 @@ def format_summary(summary, # `summarize`'s DataFrame
         pm = '' if math.isnan(r['std']) else f" ± {_num(r['std'], f).removesuffix('%')}"
         return f"{_num(r['mean'], f)}{pm}{'%' if f == '%' else ''}"
     lines = [title, ''] if title else []
-    lines += ["Mean ± standard deviation over seeds; rates in %; NLL/ECE cal.: after temperature scaling, out of sample (2-fold cross-fit).", '',
+    lines += ["Mean ± standard deviation over seeds; rates in %; NLL/ECE cal.: after temperature scaling, out of sample (2-fold cross-fit)"
+              + ("; TTA NLL/ECE: of `tta()`'s probabilities, cal. by the temperature fitted for TTA's output, out of sample."
+                 if any(m.startswith('tta_n') for m,_,_ in shown) else '.'), '',
               '| config | n | ' + ' | '.join(h for _,h,_ in shown) + ' |', '|---|---|' + '---|'*len(shown)]
     lines += [f"| {c} | {n[c]} | " + ' | '.join(cell(c, m, f) for m,_,f in shown) + ' |' for c in configs]
     others = [c for c in configs if c != ref]
@@ -451,8 +491,8 @@ def format_summary(summary, # `summarize`'s DataFrame
         def dcell(c, m, f):
             r = s.loc[(c, m)]
             if math.isnan(r['diff']): return '-'
+            k = (lambda v: 100*v) if f == '%' else (lambda v: v)
             f = '.2f' if f == '%' else f
-            k = (lambda v: 100*v) if m in ('error_rate', 'tta_error_rate', 'ece', 'ece_calibrated') else (lambda v: v)
             if math.isnan(r['diff_low']): txt = f"{k(r['diff']):+{f}} (1 seed)"
             else:
                 txt = f"{k(r['diff']):+{f}} [{k(r['diff_low']):+{f}}, {k(r['diff_high']):+{f}}]"

@@ -161,22 +161,70 @@ def test_predict_sets_column(paddy, env, fitted):
                                                                            'conformal scores; fit it with --conformalize'), r.stderr
 
 
-@pytest.mark.parametrize('case', ['missing', 'empty', 'one_class', 'bad_arch', 'bad_lr', 'reliability_alone'])
+@pytest.fixture(scope='session')
+def fitted_probs(paddy, env):
+    "`fit --probs` into a log-loss sample submission (an id column, then the classes in another order)"
+    ids = pd.read_csv(paddy/'sample_submission.csv', dtype=str).image_id
+    pd.DataFrame({'image_id': ids, **{str(c): 0.1 for c in (3, 1, 0, 2, 4, 5, 6, 7, 8, 9)}}).to_csv(paddy/'sample_probs.csv', index=False)
+    r = cli(env, paddy, 'fit', 'train_images', '--epochs', 1, '--size', 16, '--bs', 32, '--test-dir', 'test_images', '--calibrate',
+            '--sample-submission', 'sample_probs.csv', '--submission', 'out/probs.csv', '--probs', '--export', 'model_probs.pkl')
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_fit_probs_fill_the_sample_and_predict_reproduces_them(paddy, env, fitted_probs):
+    assert 'tta_nll_calibrated' in fitted_probs.stdout and 'wrote 40 probabilities' in fitted_probs.stdout
+    sample = pd.read_csv(paddy/'sample_probs.csv', dtype={'image_id': str})
+    sub = pd.read_csv(paddy/'out'/'probs.csv', dtype={'image_id': str})
+    assert list(sub.columns) == list(sample.columns) and list(sub.image_id) == list(sample.image_id)
+    classes = list(sample.columns[1:])
+    assert torch.allclose(torch.tensor(sub[classes].values).sum(1), torch.ones(len(sub), dtype=torch.float64), atol=1e-6)
+    # the unreadable image got the training set's class frequencies (the training part of fit's seeded split)
+    from collections import Counter
+    from fastai.data.transforms import parent_label
+    counts = Counter(parent_label(f) for f in frd.image_folder_dls(paddy/'train_images', bs=32, size=16, seed=42).train_ds.items)
+    freq = [counts[c]/sum(counts.values()) for c in classes]
+    assert sub.set_index('image_id').loc['truncated.png', classes].tolist() == pytest.approx(freq, abs=1e-8)
+    r = cli(env, paddy, 'predict', 'model_probs.pkl', 'test_images', '--out', 'probs2.csv', '--probs')
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = pd.read_csv(paddy/'probs2.csv', dtype={'image_id': str})
+    # a fresh process after load_learner draws the same augmentations as fit did: the same probabilities, digit for digit
+    assert (sub.set_index('image_id').loc[again.image_id, classes].values == again[classes].values).all()
+    # `predict --probs`: the vocab as header, one row per readable image, exactly the installed TTA map's combination
+    import warnings
+    from fastai.learner import load_learner
+    from fastai_regularize.activations import tta_logits, combine_tta
+    from fastai_regularize.cli import predict_probs
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn = load_learner(paddy/'model_probs.pkl')
+        files = frd.get_test_images(paddy/'test_images')
+    vocab = [str(v) for v in learn.dls.vocab]
+    assert list(again.columns) == ['image_id', *vocab] and list(again.image_id) == [f.name for f in files]
+    assert learn.tta_params == {'n': 4, 'beta': 0.25}                        # `fit --calibrate` calibrated the TTA path
+    probs = predict_probs(learn, files, seed=42)
+    assert torch.equal(torch.tensor(again[vocab].values).float(), probs)     # the file holds them exactly (float32)
+    P,_ = tta_logits(learn, dl=learn.dls.test_dl(files), seed=42)
+    assert torch.equal(probs, combine_tta(torch.stack([learn.tta_act(z) for z in P])))
+
+
+@pytest.mark.parametrize('case', ['missing', 'empty', 'one_class', 'bad_arch', 'bad_lr', 'reliability_alone', 'probs_alone'])
 def test_bad_input_one_line(tmp_path, env, digits, case):
     path = tmp_path/'data'
     extra = []
     if case == 'empty': path.mkdir()
     if case == 'one_class': shutil.copytree(digits/'train'/'4', path/'4')
-    if case in ('bad_arch', 'bad_lr', 'reliability_alone'):
+    if case in ('bad_arch', 'bad_lr', 'reliability_alone', 'probs_alone'):
         shutil.copytree(digits/'train', path)
-        extra = {'bad_arch': ['--arch', 'resnet_nope'], 'bad_lr': ['--lr', '-0.1'], 'reliability_alone': ['--reliability', 'r.png']}[case]
+        extra = {'bad_arch': ['--arch', 'resnet_nope'], 'bad_lr': ['--lr', '-0.1'], 'reliability_alone': ['--reliability', 'r.png'],
+                 'probs_alone': ['--probs']}[case]
     r = cli(env, tmp_path, 'fit', path, *extra, timeout=120)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('fastai-regularize: error: fit: '), r.stderr
     assert {'missing': 'does not exist', 'empty': 'has no image files', 'one_class': "one class ('4')",
             'bad_arch': "unknown --arch 'resnet_nope'", 'bad_lr': '`lr` must be in',
-            'reliability_alone': '--reliability needs --calibrate'}[case] in lines[0]
+            'reliability_alone': '--reliability needs --calibrate', 'probs_alone': '--probs needs --test-dir'}[case] in lines[0]
 
 
 def test_usage(env, tmp_path):
@@ -197,11 +245,12 @@ def test_fit_timm_arch_on_digits(env, tmp_path):
     assert err < 0.9  # better than chance (0.9): it trained
 
 
-ARGVS = {'fit': [[], ['some/dir'], ['d', '--epochs', '2', '--no-mixup', '--lr', '0.01'], ['--test-dir', 't', '--cutmix', 'd'],
+ARGVS = {'fit': [[], ['some/dir'], ['d', '--epochs', '2', '--no-mixup', '--lr', '0.01'], ['--test-dir', 't', '--cutmix', 'd'], ['--test-dir', 't', '--probs'],
                  ['--sample-submission', 's.csv', '--submission', 'o.csv', '--seed', '7']],
          'compare': [[], ['d', '--out', 'o', '--bs', '8'], ['--seeds', '2', '--configs', 'baseline,mixup', '--fresh']],
          'predict': [['m.pkl', 'd'], ['m.pkl', 'd', '--out', 'p.csv', '--seed', '3'], ['m.pkl', 'd', '--sets', '0.9'],
-                     ['m.safetensors', 'd', '--trust']]}
+                     ['m.safetensors', 'd', '--trust'],
+                     ['m.pkl', 'd', '--probs']]}
 
 @pytest.mark.parametrize('name', sorted(ARGVS))
 def test_parser_without_fastcore_pos(name, monkeypatch):

@@ -18,7 +18,8 @@ from fastai_regularize.mixup import MixUp
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--epochs', '1', '--size', '16', '--bs', '16']
-METRICS = ['error_rate', 'tta_error_rate', 'nll', 'ece', 'temperature', 'nll_calibrated', 'ece_calibrated']
+METRICS = ['error_rate', 'tta_error_rate', 'nll', 'ece', 'temperature', 'nll_calibrated', 'ece_calibrated',
+           'tta_nll', 'tta_ece', 'tta_temperature', 'tta_nll_calibrated', 'tta_ece_calibrated', 'tta_nll_single_t', 'tta_ece_single_t']
 
 
 @pytest.fixture(scope='module')
@@ -49,6 +50,7 @@ def test_same_seed_in_fresh_processes_gives_identical_numbers(data, tmp_path):
     assert a[METRICS + ['valid_error_by_epoch', 'train_loss_by_epoch']].equals(b[METRICS + ['valid_error_by_epoch', 'train_loss_by_epoch']])
     pa,pb = (torch.load(tmp_path/f'out{i}'/'preds'/'mixup__s42.pt') for i in range(2))
     assert torch.equal(pa['logits'], pb['logits']) and torch.equal(pa['targs'], pb['targs'])
+    assert torch.equal(pa['tta_logits'], pb['tta_logits']) and pa['tta_logits'].shape == (5, 18, 3)
     # stdout is a pipe here, as in `make demo > log`: one line per epoch and per run, no redrawn bars
     out = rs[0].stdout
     assert not any(c in out for c in ('\r', '\x1b', '█', '|----'))  # fastprogress's bars, redrawn or appended
@@ -120,7 +122,7 @@ def test_summary_paired_ci_matches_hand_computation(resumed):
         assert r['diff'] == pytest.approx(mean, rel=1e-9, abs=1e-12)
         assert r['diff_low'] == pytest.approx(mean - half, rel=1e-9, abs=1e-12)
         assert r['diff_high'] == pytest.approx(mean + half, rel=1e-9, abs=1e-12)
-        if m != 'temperature': assert r['better'] == sum(v < 0 for v in d)
+        if m not in ('temperature', 'tta_temperature'): assert r['better'] == sum(v < 0 for v in d)
         base = [runs.loc[('baseline', k), m] for k in (42, 43)]
         assert s.loc[('baseline', m)]['mean'] == pytest.approx(sum(base)/2, rel=1e-12)
         assert s.loc[('baseline', m)]['std'] == pytest.approx(abs(base[0] - base[1])/math.sqrt(2), rel=1e-9, abs=1e-15)
@@ -158,3 +160,34 @@ def test_sigint_while_a_row_is_written_waits_for_the_whole_row(tmp_path, monkeyp
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _append_row(fn, ['config', 'seed', 'error_rate'], dict(config='mixup', seed=2, error_rate=0.5))
     assert fn.read_text().endswith('mixup,1,0.25\nmixup,2,0.5\n') and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_tta_columns_match_the_saved_passes(resumed):
+    "tta_error_rate and tta_nll/ece of runs.csv are `tta()`'s probabilities rebuilt from the saved passes (`combine_tta`)"
+    import torch.nn.functional as F
+    from fastai_regularize.activations import combine_tta
+    from fastai_regularize.calibration_metrics import calibration_error
+    runs = pd.read_csv(resumed['out']/'runs.csv').set_index(['config', 'seed'])
+    for (c, s),r in runs.iterrows():
+        p = torch.load(resumed['out']/'preds'/f'{c}__s{s}.pt')
+        assert p['tta_logits'].dtype == torch.float32 and p['tta_beta'] == 0.25
+        assert torch.equal(p['tta_logits'][-1], p['logits'])            # the plain pass is the saved logits
+        q = combine_tta(torch.stack([F.softmax(z, -1) for z in p['tta_logits']]), p['tta_beta'])
+        assert r['tta_error_rate'] == (q.argmax(1) != p['targs']).float().mean().item()   # exactly: same floats
+        q = q.double()
+        assert r['tta_nll'] == pytest.approx(F.nll_loss(q.log(), p['targs']).item(), rel=1e-6)
+        assert r['tta_ece'] == pytest.approx(calibration_error(q, p['targs']), abs=1e-6)
+
+
+def test_an_older_runs_csv_is_upgraded_not_refused(tmp_path):
+    "A runs.csv without this version's columns: rewritten with the new header, every old cell kept, the new ones blank"
+    fn = tmp_path/'runs.csv'
+    fn.write_text('config,seed,error_rate,epochs\nbaseline,0,0.25,2\n"mixup,x",1,0.5,2\n')
+    cols = ['config', 'seed', 'error_rate', 'tta_nll', 'epochs', 'tta_ece']
+    experiment._upgrade_runs(fn, cols)
+    assert fn.read_text() == 'config,seed,error_rate,tta_nll,epochs,tta_ece\nbaseline,0,0.25,,2,\n"mixup,x",1,0.5,,2,\n'
+    experiment._upgrade_runs(fn, cols)                                    # nothing to do the second time
+    assert fn.read_text().startswith('config,seed,error_rate,tta_nll,epochs,tta_ece\n')
+    assert not list(tmp_path.glob('.*tmp'))
+    with pytest.raises(experiment.SettingsMismatch, match="has column\\(s\\) 'tta_nll', 'tta_ece' that this version does not write"):
+        experiment._upgrade_runs(fn, ['config', 'seed', 'error_rate', 'epochs'])
