@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip.conf on these machines names local indexes that may be absent; drop that noise, keep real errors.
 QUIET := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: demo test test-oldest fuzz native-check check export wheel dist docs docs-check bench gpu-check quality tabular clean
+.PHONY: honest demo test test-oldest fuzz native-check check export wheel dist docs docs-check bench gpu-check quality tabular clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -84,16 +84,21 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	MPLBACKEND=Agg $(BIN)/python scripts/gpu_check.py $(if $(QUICK),--quick)
 
-# Fashion-MNIST with 2,000 training images: 40 epochs (8 configurations) and the short schedule beside it (10 epochs),
-# 3 paired seeds each, then how calibratable each 40-epoch model is. It resumes what benchmarks/results/ holds (with the
+# Fashion-MNIST with 2,000 training images: 40 epochs (8 configurations) and the short schedule beside it (10 epochs, 9
+# configurations, whose runs hold TTA calibration and every TTA pass's logits for `make honest`), 3 paired seeds each, then how calibratable each 40-epoch model is. It resumes what benchmarks/results/ holds (with the
 # committed runs it only rewrites the tables); `make quality FRESH=1` reruns everything (about 90 min on 2 cores).
 QUALITY := $(BIN)/python benchmarks/quality.py --subset 2000 --bs 128 --seeds 3 $(if $(FRESH),--fresh)
 quality: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 	$(QUALITY) --epochs 40 --configs baseline,label_smoothing,mixup,mixup+ls,mixup-off,mixup-dominant,manifold,regmixup
-	$(QUALITY) --epochs 10 --configs baseline,label_smoothing,mixup,mixup+ls
+	$(QUALITY) --epochs 10 --configs baseline,label_smoothing,mixup,mixup+ls,cutmix,mixup-off,mixup-dominant,manifold,regmixup
 	test ! -d benchmarks/results/fmnist-n2000-e40/preds || $(BIN)/python benchmarks/calibratability.py \
 	  benchmarks/results/fmnist-n2000-e40/preds --name fashion-mnist $(if $(FRESH),--fresh)
+
+# TTA calibration and conformal set sizes per configuration, from the 10-epoch Fashion-MNIST study's runs.csv and preds/
+# (make quality writes them; preds/ is not committed, so a fresh clone runs make quality first)
+honest: $(STAMP)
+	$(BIN)/python benchmarks/honest.py benchmarks/results/fmnist-n2000-e10 --name fashion-mnist $(if $(FRESH),--fresh)
 
 # Manifold MixUp on a tabular model: the digits as a table through tabular_learner, 5 paired seeds
 tabular: $(STAMP)
