@@ -368,6 +368,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                       'fastai_regularize/experiment.py'),
                                               'fastai_regularize.experiment._sigint_held': ( 'experiment.html#_sigint_held',
                                                                                              'fastai_regularize/experiment.py'),
+                                              'fastai_regularize.experiment._start_method': ( 'experiment.html#_start_method',
+                                                                                              'fastai_regularize/experiment.py'),
                                               'fastai_regularize.experiment._threads_msg': ( 'experiment.html#_threads_msg',
                                                                                              'fastai_regularize/experiment.py'),
                                               'fastai_regularize.experiment._title': ( 'experiment.html#_title',

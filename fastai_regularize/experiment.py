@@ -655,25 +655,44 @@ def _local_cluster(devices:list):
         cluster.scale(len(devices))
     return cluster
 
+def _start_method(devices:list)->str:
+    "How the local workers start: forked from a server that has imported this module (CPU), or spawned (GPU: a fresh CUDA)"
+    import multiprocessing, multiprocessing.forkserver
+    if devices[0] is not None or 'forkserver' not in multiprocessing.get_all_start_methods(): return 'spawn'
+    try:  # Dask sets the fork server's modules once; ours replace them (a fork then costs ~0.1 s, not an import of torch and fastai)
+        import dask
+        from distributed.utils import get_mp_context
+        with dask.config.set({'distributed.worker.multiprocessing-method': 'forkserver'}): get_mp_context()
+    except Exception: pass
+    multiprocessing.get_context('forkserver').set_forkserver_preload(['distributed', 'fastai_regularize.experiment'])
+    noise = 'ignore::FutureWarning:torch.jit._script'  # fastai's import in the server: said once already, in this process
+    sys.warnoptions.append(noise)  # the server's command line gets `-W` options from here
+    try: multiprocessing.forkserver.ensure_running()  # started now, with the option (once per process)
+    finally: sys.warnoptions.remove(noise)
+    return 'forkserver'
+
 @contextmanager
 def _dask_client(n_local:int, devices:list, scheduler:str|None):
     "A Dask `Client`: of `scheduler`, or of a local cluster of `n_local` workers; closed (the local cluster with it) however the block ends"
-    try: from distributed import Client
-    except ImportError: raise ClusterError("runs side by side need Dask: pip install 'dask[distributed]'") from None
-    cluster = None
     try:
-        if scheduler is None:
-            cluster = _local_cluster(devices[:n_local])
-            client = Client(cluster)
-            client.register_plugin(_ignore_sigint(), name='fastai_regularize-ignore-sigint')
-            client.wait_for_workers(n_local, timeout=300)
-        else:
-            try: client = Client(scheduler, timeout=30)
-            except (OSError, TimeoutError, ValueError) as e: raise ClusterError(f"cannot reach the Dask scheduler {scheduler!r}: {e}") from None
+        import dask
+        from distributed import Client
+    except ImportError: raise ClusterError("runs side by side need Dask: pip install 'dask[distributed]'") from None
+    if scheduler is not None:
+        try: client = Client(scheduler, timeout=30)
+        except (OSError, TimeoutError, ValueError) as e: raise ClusterError(f"cannot reach the Dask scheduler {scheduler!r}: {e}") from None
         try: yield client
         finally: client.close()
-    finally:
-        if cluster is not None: cluster.close()
+        return
+    # for the cluster's whole life: a worker that dies is started again the same way
+    with dask.config.set({'distributed.worker.multiprocessing-method': _start_method(devices)}):
+        cluster = _local_cluster(devices[:n_local])
+        try:
+            with Client(cluster) as client:
+                client.register_plugin(_ignore_sigint(), name='fastai_regularize-ignore-sigint')
+                client.wait_for_workers(n_local, timeout=300)
+                yield client
+        finally: cluster.close()
 
 def _cluster_threads(client, scheduler:str)->int:
     "Default threads per run on a cluster: the fewest of (cores // workers) over its hosts; checks the workers' threads"

@@ -102,10 +102,12 @@ def test_two_workers_give_the_numbers_of_one(data, serial, tmp_path):
 @pytest.fixture(scope='module')
 def cluster():
     "A cluster started outside the runner, as `dask scheduler` and `dask worker --nworkers 2 --nthreads 1` would give"
-    c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                     scheduler_kwargs=dict(dashboard_address='127.0.0.1:0'))
-    yield c
-    c.close()
+    import dask
+    with dask.config.set({'distributed.worker.multiprocessing-method': experiment._start_method([None])}):  # forked: no import each
+        c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                         scheduler_kwargs=dict(dashboard_address='127.0.0.1:0'))
+        yield c
+        c.close()
 
 
 def test_scheduler_gives_the_numbers_of_one(data, serial, cluster, tmp_path):
