@@ -698,12 +698,11 @@ def _cluster_threads(client, scheduler:str)->int:
     "Default threads per run on a cluster: the fewest of (cores // workers) over its hosts; checks the workers' threads"
     try: client.wait_for_workers(1, timeout=60)
     except TimeoutError: raise ClusterError(f"no Dask worker connected to {scheduler!r} within 60 s") from None
-    ws = client.scheduler_info()['workers']
-    bad = [(a, w['nthreads']) for a,w in ws.items() if w['nthreads'] != 1]
+    bad = [(a, n) for a,n in client.nthreads().items() if n != 1]
     if bad: raise ClusterError(_threads_msg(*bad[0]))
     cores,hosts = client.run(_usable_cores),{}
-    for a,w in ws.items(): hosts.setdefault(w['host'], []).append(a)
-    return max(1, min(min(cores.get(a, 1) for a in addrs)//len(addrs) for addrs in hosts.values()))
+    for a in cores: hosts.setdefault(a.rsplit(':', 1)[0], []).append(a)  # tcp://HOST:PORT: the workers of one machine
+    return max(1, min(min(cores[a] for a in addrs)//len(addrs) for addrs in hosts.values()))
 
 def _run_side_by_side(task:Task, todo:list, run:dict, write:Callable, fn:Path, workers:int, threads:int|None, scheduler:str|None)->dict:
     "Run `todo` on Dask workers, `write(row, preds)` in this process as each finishes; a run whose worker dies is retried once"
@@ -719,13 +718,13 @@ def _run_side_by_side(task:Task, todo:list, run:dict, write:Callable, fn:Path, w
         if scheduler is not None:
             t = _cluster_threads(client, scheduler)
             if threads is None: threads = t
-        n = len(client.scheduler_info()['workers'])
+        n = len(client.nthreads())
         gpus = f", one GPU each ({', '.join(devices)})" if devices[0] is not None and scheduler is None else ''
         print(f"{len(todo)} run(s) on {n} Dask worker(s) of {scheduler or 'a local cluster'}, {threads} torch thread(s) per run{gpus}", flush=True)
         queue,running,missing,ac = deque((s, c, 0) for s,c in todo),{},[],as_completed()
         def fill():
             "Send runs until each worker has one: a worker holds only the run it runs, so its death costs that run alone"
-            slots = max(1, len(client.scheduler_info()['workers'])) if scheduler is not None else n
+            slots = max(1, len(client.nthreads())) if scheduler is not None else n
             while queue and len(running) < slots:
                 seed,c,attempt = queue.popleft()
                 f = client.submit(_remote_run, blob, configs[c.name], seed, run, threads, pure=False,
