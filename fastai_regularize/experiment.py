@@ -451,12 +451,18 @@ def run_experiment(task:Task, # What to train: data, learner and their settings
                 write(row, preds)
             except KeyboardInterrupt: raise _interrupted([name], fn) from None
             print(f"{name}: {_run_line(row)}", flush=True)
+    if not read_runs(fn):  # every run was left missing: its worker died twice
+        print(f"{fn}: no finished run to summarize", flush=True)
+        return None
     runs = pd.DataFrame(read_runs(fn))
     runs['seed'] = runs['seed'].astype(int)
     runs = runs[runs['config'].isin([c.name for c in configs]) & runs['seed'].isin(seeds)]
     order = {c.name: i for i,c in enumerate(configs)}  # the order asked for, whatever order the runs finished in
     runs = runs.sort_values(['seed', 'config'], key=lambda s: s.map(order) if s.name == 'config' else s, kind='stable')
     for m in METRICS: runs[m] = pd.to_numeric(runs[m], errors='coerce')
+    if runs['threads'].nunique() > 1:  # resumed with other threads per run: recorded, not refused (see "Runs side by side")
+        print(f"note: {fn} holds runs made with {' and '.join(sorted(runs['threads'].unique()))} torch threads (its `threads` column): "
+              "their last digits may differ; --threads-per-run (threads_per_run) sets them", flush=True)
     summary = summarize(runs)
     tables = format_summary(summary, title or _title(task, settings, seeds))
     print(tables, flush=True)

@@ -1,7 +1,7 @@
 """Runs side by side (`compare --workers N`, `--scheduler`): the numbers of one run after another in this process, a
 worker killed mid-run costs one retried run, a run that kills its worker twice is reported and left missing for the
-next resume, Ctrl-C in a terminal keeps the finished rows, and what cannot reach the workers is a one-line error."""
-import io, os, shutil, signal, subprocess, sys, threading, time
+next resume, Ctrl-C keeps the finished rows, and what cannot reach the workers is a one-line error."""
+import io, os, shutil, signal, sys, threading
 from contextlib import redirect_stderr, redirect_stdout
 from functools import partial
 from pathlib import Path
@@ -15,14 +15,13 @@ from fastai.learner import Learner
 from fastai.metrics import error_rate
 
 pytest.importorskip('distributed')
-from distributed import Client, LocalCluster
+from distributed import LocalCluster
 
 from fastai_regularize import experiment
 from fastai_regularize.cli import main
 from fastai_regularize.data import digits_folder, tensor_image_dls
 from fastai_regularize.experiment import ClusterError, Task, read_runs, register_config, run_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--epochs', '1', '--size', '16', '--bs', '16']
 PAIR = ['--seeds', '2', '--configs', 'baseline,mixup']
 NUMBERS = ['error_rate', 'tta_error_rate', 'nll', 'ece', 'temperature', 'nll_calibrated', 'ece_calibrated',
@@ -87,6 +86,7 @@ def serial(data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_numbers_of_one(data, serial, tmp_path):
     rc,o,e = run_main('compare', data, *TINY, *PAIR, '--out', tmp_path/'cmp', '--workers', 2, '--threads-per-run', 1)
     assert rc == 0, e[-3000:]
@@ -110,6 +110,7 @@ def cluster():
         c.close()
 
 
+@pytest.mark.slow
 def test_scheduler_gives_the_numbers_of_one(data, serial, cluster, tmp_path):
     rc,o,e = run_main('compare', data, *TINY, *PAIR, '--out', tmp_path/'cmp', '--scheduler', cluster.scheduler_address,
                       '--threads-per-run', 1)
@@ -131,6 +132,7 @@ def tiny_task():
     return Task(make_dls, make_learner, dict(data='tiny', model='linear'))
 
 
+@pytest.mark.slow
 def test_killed_worker_costs_one_retried_run(tmp_path, monkeypatch, capsys):
     "Configurations registered at run time with a callback class defined here: one kills its worker once, one every time"
     class KillWorker(Callback):
@@ -156,6 +158,10 @@ def test_killed_worker_costs_one_retried_run(tmp_path, monkeypatch, capsys):
     assert sorted((r['config'], r['seed']) for r in read_runs(out/'runs.csv')) == [('baseline', '0'), ('dies_once', '0')]
     assert sorted(f.name for f in (out/'preds').iterdir()) == ['baseline__s0.pt', 'dies_once__s0.pt']
     assert (out/'summary.md').stat().st_size > 0
+    # a comparison whose every run is lost ends with one line, and nothing to summarize
+    assert run_experiment(tiny_task(), 'dies_always', seeds=[3], epochs=1, out=tmp_path/'none', bars=False, workers=2) is None
+    o = capsys.readouterr().out
+    assert "1 run(s) on 1 Dask worker(s)" in o and o.rstrip().endswith(f"{tmp_path/'none'/'runs.csv'}: no finished run to summarize")
     # the next resume runs what is missing, and only that
     register_config('dies_always', replace=True)
     run_experiment(tiny_task(), 'baseline,dies_once,dies_always', seeds=1, epochs=1, lr=0.05, out=out, bars=False)
@@ -163,33 +169,30 @@ def test_killed_worker_costs_one_retried_run(tmp_path, monkeypatch, capsys):
     assert [r['config'] for r in read_runs(out/'runs.csv')] == ['baseline', 'dies_once', 'dies_always']
 
 
-def test_ctrl_c_in_a_terminal_keeps_finished_rows_and_resumes(data, serial, cluster, tmp_path):
-    "SIGINT to the whole process group, as Ctrl-C in a terminal sends it: the caller and its workers"
+@pytest.mark.slow
+def test_ctrl_c_keeps_finished_rows_and_resumes(data, serial, cluster, tmp_path, request):
+    "SIGINT to this process once the first row is on disk, the other runs running on two local workers"
     out = tmp_path/'cmp'
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(p for p in (str(ROOT), os.environ.get('PYTHONPATH', '')) if p),
-           'MPLBACKEND': 'Agg'}
-    cmd = [sys.executable, '-m', 'fastai_regularize.cli', 'compare', str(data), *TINY, *PAIR, '--out', str(out),
-           '--workers', '2', '--threads-per-run', '1']
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if this test's shell ignores it
-    streams = {}
-    readers = [threading.Thread(target=lambda k, f: streams.__setitem__(k, f.read()), args=(k, f)) for k,f in (('out', p.stdout), ('err', p.stderr))]
-    for t in readers: t.start()
-    deadline = time.monotonic() + 300
-    while len(read_runs(out/'runs.csv')) < 1 and p.poll() is None and time.monotonic() < deadline: time.sleep(0.05)
-    assert p.poll() is None, 'the comparison ended before it could be interrupted'
-    os.killpg(p.pid, signal.SIGINT)
-    rc = p.wait(timeout=120)
-    for t in readers: t.join()
-    err = streams['err'].strip().splitlines()
-    assert rc == 130, streams['err'][-3000:]
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's, whatever this test process inherited
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
+    done = threading.Event()
+    def ctrl_c():
+        while not read_runs(out/'runs.csv') and not done.wait(0.05): pass
+        if not done.is_set(): os.kill(os.getpid(), signal.SIGINT)
+    t = threading.Thread(target=ctrl_c, daemon=True)
+    t.start()
+    rc,o,e = run_main('compare', data, *TINY, *PAIR, '--out', out, '--workers', 2, '--threads-per-run', 1)
+    done.set(); t.join()
+    assert rc == 130, 'the comparison ended before it could be interrupted' if rc == 0 else e[-3000:]
     n = len(read_runs(out/'runs.csv'))
     assert 1 <= n < 4
-    assert len(err) == 1 and err[0].startswith('fastai-regularize: compare: interrupted in run '), streams['err'][-3000:]
-    assert f"holds the {n} finished run(s): run the same command again to resume (--fresh starts over)" in err[0]
+    assert e.count('\n') == 1 and e.startswith('fastai-regularize: compare: interrupted in run '), e
+    running = e.split('interrupted in run ')[1].split(';')[0].split(', ')
+    assert 1 <= len(running) <= 2 and all(r.split()[0] in ('baseline', 'mixup') for r in running)  # what the two workers ran
+    assert f"holds the {n} finished run(s): run the same command again to resume (--fresh starts over)" in e
     assert len(list((out/'preds').iterdir())) == n  # no file of a cancelled run
     after_interrupt = (out/'runs.csv').read_text()
-    assert after_interrupt.count('\n') == n + 1 and after_interrupt.endswith('\n')  # the header and whole rows
+    assert after_interrupt.count('\n') == n + 1  # the header and whole rows
     rc,o,e = run_main('compare', data, *TINY, *PAIR, '--out', out, '--scheduler', cluster.scheduler_address, '--threads-per-run', 1)
     assert rc == 0, e[-3000:]
     assert f"{n} finished run(s) found; {4 - n} to go" in o
@@ -224,16 +227,13 @@ def test_what_cannot_reach_the_workers_is_one_line(tmp_path, cluster, monkeypatc
             run_experiment(tiny_task(), 'baseline', seeds=1, epochs=1, out=tmp_path/'c', scheduler=two.scheduler_address)
 
 
-def test_each_local_worker_sees_its_own_gpu():
-    "Without GPUs: the assignment a GPU machine would get reaches the worker processes' environment"
+def test_local_workers_one_gpu_each_and_deaf_to_ctrl_c():
+    """Without GPUs: the assignment a GPU machine would get reaches the worker processes (spawned: a fresh CUDA each); the
+    workers ignore SIGINT, so the Ctrl-C a terminal sends to the whole process group is the caller's alone"""
     devices = experiment._devices(4, '7,9', 2)
     assert devices == ['7', '9']  # at most one worker per GPU: two runs at a time, the others queue
-    cluster = experiment._local_cluster(devices)
-    try:
-        with Client(cluster) as c:
-            c.wait_for_workers(2, timeout=120)
-            seen = c.run(lambda: os.environ.get('CUDA_VISIBLE_DEVICES'))
-            assert sorted(seen.values()) == ['7', '9']
-            assert {w['nthreads'] for w in c.scheduler_info()['workers'].values()} == {1}
-            assert cluster.scheduler.allowed_failures == 0  # a dead worker fails its run at once: the runner retries it
-    finally: cluster.close()
+    with experiment._dask_client(2, devices, None) as c:
+        seen = c.run(lambda: (os.environ.get('CUDA_VISIBLE_DEVICES'), signal.getsignal(signal.SIGINT) == signal.SIG_IGN))
+        assert sorted(seen.values()) == [('7', True), ('9', True)]
+        assert set(c.nthreads().values()) == {1}
+        assert c.cluster.scheduler.allowed_failures == 0  # a dead worker fails its run at once: the runner retries it
