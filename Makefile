@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip.conf on these machines names local indexes that may be absent; drop that noise, keep real errors.
 QUIET := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: honest demo test test-oldest fuzz native-check check export wheel dist docs docs-check bench gpu-check quality tabular clean
+.PHONY: honest demo test test-oldest fuzz native-check check export wheel dist docs docs-check bench bench-parallel gpu-check quality tabular clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,8 +27,10 @@ $(OLDEST)/.installed: pyproject.toml setup.py
 	$(OLDEST)/bin/pip install -q $(OLDEST_PINS) -e '.[test]' $(QUIET)
 	touch $@
 
+# DEMO_PARALLEL: `--workers 2 --threads-per-run 1` once `make bench-parallel` shows the demo faster that way on this machine
+DEMO_PARALLEL :=
 demo: $(STAMP)
-	$(BIN)/fastai-regularize compare
+	$(BIN)/fastai-regularize compare $(DEMO_PARALLEL)
 
 test: $(STAMP) check native-check
 	MPLBACKEND=Agg $(BIN)/nbdev-test --n-workers 2
@@ -76,6 +78,12 @@ docs-check: docs
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py
+
+# the demo's 15 runs side by side (--workers 2 --threads-per-run 1) against one after another (--workers 1 --threads-per-run 2),
+# 3 interleaved repetitions (about 35 min on 2 idle cores), and a check that the numbers do not depend on the worker count;
+# writes benchmarks/results/parallel-cpu.{json,md}
+bench-parallel: $(STAMP)
+	$(BIN)/python benchmarks/parallel.py
 
 # The one command a machine with CUDA runs: the tests marked `gpu` (the losses' CUDA path, the differential test on
 # CUDA, the mixing callbacks under fastai's real to_fp16), the compatibility grid (tests/test_compat.py) on CUDA, then

@@ -445,19 +445,27 @@ def compare(path:str=None, # Image folder as for fit (default: the digits)
             configs:str='baseline,label_smoothing,mixup,mixup+ls,cutmix', # Comma-separated names registered in fastai_regularize.experiment.CONFIGS
             out:str='out/compare', # Folder for runs.csv, summary.csv/.json/.md, compare.png and preds/
             fresh:store_true=False, # Delete the runs already in --out and start over (default: resume)
+            workers:int=1, # Runs side by side, each in a process of its own (a local Dask cluster); 1: one after another here
+            threads_per_run:int=None, # torch threads of each run (default: cores // --workers; with --workers 1 torch's own)
+            scheduler:str=None, # Address of a Dask scheduler (tcp://HOST:8786) whose workers run the runs instead
            ):
     "Train each configuration with --seeds paired seeds, resuming from --out; mean ± std and paired differences with 95% CIs"
-    from fastai_regularize.experiment import get_configs, run_experiment, SettingsMismatch
+    from fastai_regularize.experiment import get_configs, run_experiment, SettingsMismatch, ClusterError
     resolve_arch(arch)
     epochs,lr = _check_int('epochs', epochs),_check('lr', lr, lo=0, lo_open=True, hi=10)
     seeds,seed = _check_int('seeds', seeds),_check_int('seed', seed, 0)
+    workers = _check_int('workers', workers)
+    if threads_per_run is not None: threads_per_run = _check_int('threads_per_run', threads_per_run)
+    if scheduler is not None and workers != 1:
+        raise UsageError(f"--workers {workers} starts a local cluster; with --scheduler the cluster's own workers run the runs: leave --workers out")
     try: cfgs = get_configs(configs)
     except ValueError as e: raise UsageError(str(e)) from None
     if path is not None and not Path(path).is_dir(): raise DataError(f"path {path} does not exist" if not Path(path).exists() else f"path {path} is not a folder")
     check_dest(out, '--out', folder=True)
     task = image_task(path, arch, size, bs, split_seed=seed)
-    try: return run_experiment(task, cfgs, list(range(seed, seed + seeds)), epochs, lr, out, fresh=fresh)
-    except SettingsMismatch as e: raise UsageError(str(e)) from None
+    try: return run_experiment(task, cfgs, list(range(seed, seed + seeds)), epochs, lr, out, fresh=fresh, workers=workers,
+                               threads_per_run=threads_per_run, scheduler=scheduler)
+    except (SettingsMismatch, ClusterError) as e: raise UsageError(str(e)) from None
 
 # %% ../nbs/06_cli.ipynb #636e81a5
 def kaggle_dataset(out:str, # Folder to write: the wheel(s) and dataset-metadata.json, for `kaggle datasets create -p OUT`

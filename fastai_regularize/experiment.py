@@ -4,7 +4,7 @@
 
 # %% ../nbs/05a_experiment.ipynb #7db6b14e
 from __future__ import annotations
-import csv, hashlib, inspect, io, json, math, os, platform, shutil, signal, sys, threading, time
+import copy, csv, hashlib, inspect, io, json, logging, math, os, platform, shutil, signal, sys, threading, time, uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,6 +23,7 @@ import fastai.callback.progress  # noqa: F401 (`Learner.no_bar`)
 
 from .core import check_int, check_number
 from .activations import no_activation, tta_logits, combine_tta
+from .native import use_native
 from .losses import LabelSmoothingCrossEntropyFlat
 from .mixup import MixUp, CutMix, RegMixUp
 from .manifold import ManifoldMixUp
@@ -31,7 +32,7 @@ from .calibration import _calibrate_tta  # (and patches `Learner.calibrate`)
 # %% auto #0
 __all__ = ['CONFIGS', 'TTA_N', 'TTA_BETA', 'METRICS', 'RUN_COLUMNS', 'INFO_COLUMNS', 'Config', 'register_config', 'get_configs',
            'Task', 'show_bars', 'epoch_lines', 'train_run', 'evaluate', 't_quantile', 'paired_ci', 'summarize',
-           'read_runs', 'SettingsMismatch', 'run_experiment', 'format_summary', 'plot_experiment']
+           'read_runs', 'SettingsMismatch', 'run_experiment', 'format_summary', 'plot_experiment', 'ClusterError']
 
 # %% ../nbs/05a_experiment.ipynb #d995ea22
 def _factory_desc(f)->str:
@@ -368,6 +369,58 @@ def _run_line(r:dict)->str:
             f"TTA NLL {num('tta_nll', '.4f')}  ECE {pct('tta_ece')}  cal {num('tta_nll_calibrated', '.4f')}  "
             f"{pct('tta_ece_calibrated')}  {r['seconds_per_epoch']:.1f} s/epoch")
 
+def _one_run(task:Task, config:Config, seed:int, epochs:int, lr:float, tta:bool, n_folds:int, settings:dict,
+             threads:int|None=None, bars:bool|None=None, prefix:str='')->tuple:
+    "(row of runs.csv, preds) of one run in this process with `threads` torch threads (None: as they are); the caller writes both"
+    t0,cpu0 = time.perf_counter(),_cpu_seconds()
+    with _torch_threads(threads), use_native(bool(settings['native'])):  # the loss path of the caller's settings
+        _check_versions(settings)
+        learn = train_run(task, config, seed, epochs, lr, bars=bars, prefix=prefix)
+        res,logits,targs,passes = _evaluate(learn, seed, tta=tta, calibrate=True, n_folds=n_folds, bars=bars)
+        machine = _machine()  # this run's own device and torch threads
+    h = hashlib.sha1(targs.numpy().tobytes()).hexdigest()[:16]
+    row = dict(config=config.name, seed=seed, **res, seconds_per_epoch=learn.seconds_per_epoch, wall_seconds=time.perf_counter() - t0,
+               fit_cpu_seconds=learn.cpu_seconds, cpu_seconds=_cpu_seconds() - cpu0, n_train=len(learn.dls.train_ds), n_valid=len(targs),
+               valid_targets_sha1=h, valid_error_by_epoch=learn.epoch_values.get('error_rate', []),
+               train_loss_by_epoch=learn.epoch_values.get('train_loss', []), **settings, config_desc=config.desc,
+               **machine, load_1min=round(os.getloadavg()[0], 2),
+               finished=datetime.now(timezone.utc).isoformat(timespec='seconds'))
+    return row,_saved_preds(logits, targs, passes)
+
+@contextmanager
+def _torch_threads(n:int|None):
+    "Within the block, torch uses `n` threads (None: leaves them)"
+    if n is None: yield; return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(old)
+
+def _check_versions(settings:dict):
+    "Raise `SettingsMismatch` if this process runs other versions or another loss path than `settings` record"
+    mine = _versions()
+    diff = [k for k in mine if _cell(mine[k]) != _cell(settings[k])]
+    if diff:
+        k = diff[0]
+        raise SettingsMismatch(f"{platform.node()} (pid {os.getpid()}) runs {k}={_cell(mine[k])!r}, the calling process {k}={_cell(settings[k])!r}: "
+                               "install the same versions wherever the runs run")
+
+def _write_run(out:Path, fn:Path, cols:list, row:dict, preds:dict, sha:str|None)->str:
+    "Save a run's predictions, then append its row; return the hash of its validation targets"
+    h,name = row['valid_targets_sha1'],f"{row['config']} s{row['seed']}"
+    if sha is not None and h != sha:
+        raise ValueError(f"{name}: the validation set differs from the earlier runs' in {fn}: `make_dls` must give the "
+                         "same validation set, in the same order, for every seed")
+    _atomic_save(preds, out/'preds'/f"{row['config']}__s{row['seed']}.pt")
+    _append_row(fn, cols, row)
+    return h
+
+def _interrupted(names:list, fn:Path)->KeyboardInterrupt:
+    "The one-line Ctrl-C message: what was running, how many runs are safe on disk, how to resume"
+    n = len(read_runs(fn))  # the row of a run is there if Ctrl-C came while it was being written
+    return KeyboardInterrupt(f"interrupted in run {', '.join(names)}; {fn} holds the {n} finished run(s): "
+                             "run the same command again to resume (--fresh starts over)")
+
 def run_experiment(task:Task, # What to train: data, learner and their settings
                    configs:str|list='baseline,label_smoothing,mixup,mixup+ls,cutmix', # Registered names or `Config`s
                    seeds:int|list=3, # Number of seeds (0, 1, ...) or the seeds themselves
@@ -379,6 +432,9 @@ def run_experiment(task:Task, # What to train: data, learner and their settings
                    n_folds:int=2, # Folds of the out-of-sample calibration numbers
                    bars:bool|None=None, # fastai's progress bars, or one line per epoch; None: `show_bars()`
                    title:str='', # First line of the printed tables and of summary.md
+                   workers:int=1, # Runs side by side, each in a worker process of its own (a local Dask cluster); 1: in this process
+                   threads_per_run:int|None=None, # torch threads of each run; None: cores // workers (in this process: as they are)
+                   scheduler:str|None=None, # Address of a Dask scheduler (`tcp://host:8786`) whose workers run the runs
                   ):
     "Train every configuration under every seed (resuming from `out/runs.csv`); write and return the summary"
     import pandas as pd
@@ -388,6 +444,12 @@ def run_experiment(task:Task, # What to train: data, learner and their settings
     seeds = list(range(check_int('seeds', seeds, 1))) if isinstance(seeds, int) else [check_int('seed', s, 0) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds): raise ValueError(f"`seeds` must be distinct seeds, got {seeds}")
     epochs,lr,n_folds = check_int('epochs', epochs, 1),check_number('lr', lr, lo=0, lo_open=True),check_int('n_folds', n_folds, 2)
+    workers = check_int('workers', workers, 1)
+    if threads_per_run is not None: threads_per_run = check_int('threads_per_run', threads_per_run, 1)
+    if scheduler is not None and (not isinstance(scheduler, str) or not scheduler.strip()):
+        raise ValueError(f"`scheduler` must be the address of a Dask scheduler such as 'tcp://host:8786', got {scheduler!r}")
+    if scheduler is not None and workers != 1:
+        raise ValueError(f"`workers`={workers} starts a local cluster; with `scheduler` the cluster's own workers run the runs: leave `workers` at 1")
     out = Path(out)
     if fresh:
         for n in _OUT_FILES: (out/n).unlink(missing_ok=True)
@@ -408,42 +470,41 @@ def run_experiment(task:Task, # What to train: data, learner and their settings
     sha = next((r['valid_targets_sha1'] for r in done if r.get('valid_targets_sha1')), None)
     if bars is None: bars = show_bars()
     machine,start = _machine(),time.perf_counter()
-    for i,(seed,c) in enumerate(todo):
-        name = f"{c.name} s{seed}"
-        print(f"== {name} ({i+1}/{len(todo)})", flush=True)
-        t0,cpu0 = time.perf_counter(),_cpu_seconds()
-        try:
-            learn = train_run(task, c, seed, epochs, lr, bars=bars, prefix=f"{name}  ")
-            res,logits,targs,passes = _evaluate(learn, seed, tta=tta, calibrate=True, n_folds=n_folds, bars=bars)
-            h = hashlib.sha1(targs.numpy().tobytes()).hexdigest()[:16]
-            if sha is not None and h != sha:
-                raise ValueError(f"{name}: the validation set differs from the earlier runs' in {fn}: `make_dls` must give the "
-                                 "same validation set, in the same order, for every seed")
-            sha = h
-            _atomic_save(_saved_preds(logits, targs, passes), out/'preds'/f"{c.name}__s{seed}.pt")
-            row = dict(config=c.name, seed=seed, **res, seconds_per_epoch=learn.seconds_per_epoch, wall_seconds=time.perf_counter() - t0,
-                       fit_cpu_seconds=learn.cpu_seconds, cpu_seconds=_cpu_seconds() - cpu0, n_train=len(learn.dls.train_ds), n_valid=len(targs),
-                       valid_targets_sha1=h, valid_error_by_epoch=learn.epoch_values.get('error_rate', []),
-                       train_loss_by_epoch=learn.epoch_values.get('train_loss', []), **settings, config_desc=c.desc,
-                       **machine, load_1min=round(os.getloadavg()[0], 2),
-                       finished=datetime.now(timezone.utc).isoformat(timespec='seconds'))
-            _append_row(fn, cols, row)
-        except KeyboardInterrupt:
-            n = len(read_runs(fn))  # the row of this run is there if Ctrl-C came while it was being written
-            raise KeyboardInterrupt(f"interrupted in run {name}; {fn} holds the {n} finished run(s): "
-                                    "run the same command again to resume (--fresh starts over)") from None
-        print(f"{name}: {_run_line(row)}", flush=True)
+    def write(row, preds):
+        nonlocal sha
+        sha = _write_run(out, fn, cols, row, preds, sha)
+    run = dict(epochs=epochs, lr=lr, tta=tta, n_folds=n_folds, settings=settings)
+    executor = dict(workers=1, threads_per_run=threads_per_run or torch.get_num_threads(), scheduler=None)
+    if todo and (workers > 1 or scheduler is not None):
+        executor = _run_side_by_side(task, todo, run, write, fn, workers, threads_per_run, scheduler)
+    else:
+        for i,(seed,c) in enumerate(todo):
+            name = f"{c.name} s{seed}"
+            print(f"== {name} ({i+1}/{len(todo)})", flush=True)
+            try:
+                row,preds = _one_run(task, c, seed, **run, threads=threads_per_run, bars=bars, prefix=f"{name}  ")
+                write(row, preds)
+            except KeyboardInterrupt: raise _interrupted([name], fn) from None
+            print(f"{name}: {_run_line(row)}", flush=True)
+    if not read_runs(fn):  # every run was left missing: its worker died twice
+        print(f"{fn}: no finished run to summarize", flush=True)
+        return None
     runs = pd.DataFrame(read_runs(fn))
     runs['seed'] = runs['seed'].astype(int)
     runs = runs[runs['config'].isin([c.name for c in configs]) & runs['seed'].isin(seeds)]
+    order = {c.name: i for i,c in enumerate(configs)}  # the order asked for, whatever order the runs finished in
+    runs = runs.sort_values(['seed', 'config'], key=lambda s: s.map(order) if s.name == 'config' else s, kind='stable')
     for m in METRICS: runs[m] = pd.to_numeric(runs[m], errors='coerce')
+    if runs['threads'].nunique() > 1:  # resumed with other threads per run: recorded, not refused (see "Runs side by side")
+        print(f"note: {fn} holds runs made with {' and '.join(sorted(runs['threads'].unique()))} torch threads (its `threads` column): "
+              "their last digits may differ; --threads-per-run (threads_per_run) sets them", flush=True)
     summary = summarize(runs)
     tables = format_summary(summary, title or _title(task, settings, seeds))
     print(tables, flush=True)
     summary.to_csv(out/'summary.csv', index=False)
     (out/'summary.md').write_text(tables + '\n')
     meta = dict(command=' '.join(sys.argv), settings=settings, configs={c.name: c.desc for c in configs}, seeds=seeds, machine=machine,
-                minutes_this_call=round((time.perf_counter() - start)/60, 2), reference=summary['reference'].iloc[0],
+                minutes_this_call=round((time.perf_counter() - start)/60, 2), executor=executor, reference=summary['reference'].iloc[0],
                 summary=json.loads(summary.to_json(orient='records')))
     (out/'summary.json').write_text(json.dumps(meta, indent=1) + '\n')
     plot_experiment(runs, summary, out/'compare.png')
@@ -553,3 +614,191 @@ def plot_experiment(runs, # Rows of `runs.csv` (DataFrame, metrics as numbers)
     fig.tight_layout()
     if fn is not None: fig.savefig(fn, dpi=100); plt.close(fig)
     return fig
+
+# %% ../nbs/05a_experiment.ipynb #b0bdb0ab
+class ClusterError(RuntimeError):
+    "The workers cannot run the runs as asked (no scheduler there, workers with several threads, a task they cannot load)"
+
+_RETRIES = 1  # a run whose worker process died is sent once more, then left missing for the next resume
+
+def _usable_cores()->int:
+    "Cores this process may run on (its CPU affinity), else `os.cpu_count()`"
+    try: return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError): return os.cpu_count() or 1
+
+def _devices(workers:int, # Workers asked for
+             visible:str|None, # The caller's `CUDA_VISIBLE_DEVICES` (None: unset)
+             count:int, # GPUs torch sees
+            )->list:
+    "The `CUDA_VISIBLE_DEVICES` of each local worker: one GPU each, at most one worker per GPU; `[None]*workers` without GPUs"
+    ids = [d.strip() for d in visible.split(',') if d.strip()] if visible is not None else [str(i) for i in range(count)]
+    ids = ids[:count]  # torch counts the GPUs the caller's list names (up to an invalid entry)
+    return ids[:workers] if ids else [None]*workers
+
+def _send(obj, what:str)->bytes:
+    "`obj` pickled for the workers by cloudpickle (local functions, notebook classes: by value), or a one-line TypeError"
+    import cloudpickle
+    try: return cloudpickle.dumps(obj)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else ''
+        raise TypeError(f"{what} cannot be sent to the workers ({type(e).__name__}: {msg}): what `Task.make_dls`, `make_learner` "
+                        "and a configuration's factories refer to must be picklable (no open files, locks, generators)") from None
+
+_OWN_RANDOM = None
+
+def _isolate_dask_random():
+    "Dask's modules in this process draw from a `random` of their own, not from the global one a run's data pipeline draws from"
+    global _OWN_RANDOM
+    import random, types
+    if _OWN_RANDOM is None:
+        own = types.ModuleType('random', "`random` with its own generator: its functions are bound to a private `random.Random()`")
+        own.__dict__.update(vars(random))
+        gen = random.Random()
+        for k in random.__all__:
+            if not isinstance(getattr(random, k), type): setattr(own, k, getattr(gen, k))  # `random.sample` -> `gen.sample` ...
+        own._inst,_OWN_RANDOM = gen,own
+    for name,m in sys.modules.copy().items():  # (the event loop's thread may import meanwhile)
+        if name.split('.')[0] in ('dask', 'distributed', 'tornado') and getattr(m, 'random', None) is random: m.random = _OWN_RANDOM
+
+def _remote_run(task:bytes, config:bytes, seed:int, run:dict, threads:int)->tuple:
+    "One run on a Dask worker, in its process with `threads` torch threads: `_one_run`'s (row, preds)"
+    import cloudpickle
+    from distributed import get_worker
+    w = get_worker()
+    if w.state.nthreads != 1: raise ClusterError(_threads_msg(w.address, w.state.nthreads))
+    _isolate_dask_random()  # the worker's event loop samples `random` (sizeof of a result being sent) while a run trains
+    try: task,config = cloudpickle.loads(task),cloudpickle.loads(config)
+    except Exception as e:
+        raise ClusterError(f"worker {w.address} cannot load the task or configuration ({type(e).__name__}: {e}): install the "
+                           "module it comes from on the workers, or `cloudpickle.register_pickle_by_value(module)` before the call") from None
+    return _one_run(task, config, seed, **run, threads=threads, bars=False, prefix=f"{config.name} s{seed}  ")
+
+def _threads_msg(address:str, n:int)->str:
+    return (f"Dask worker {address} has {n} threads: each run needs a worker process of its own (torch's seeds and thread count "
+            "belong to the process); start workers with `dask worker SCHEDULER --nworkers N --nthreads 1`")
+
+def _ignore_sigint():
+    "A Dask worker plugin: the worker process ignores SIGINT, so Ctrl-C in a terminal reaches the caller alone, which cancels the runs"
+    from distributed import WorkerPlugin
+    class IgnoreSigint(WorkerPlugin):
+        idempotent = True
+        def setup(self, worker):
+            try: signal.signal(signal.SIGINT, signal.SIG_IGN)
+            except ValueError: pass  # not the main thread: left as it is
+    return IgnoreSigint()
+
+def _local_cluster(devices:list):
+    "A `LocalCluster` of `len(devices)` worker processes with one thread each; worker i sees GPU `devices[i]` alone (None: no change)"
+    import dask
+    from distributed import LocalCluster
+    with dask.config.set({'distributed.scheduler.allowed-failures': 0}):  # a dead worker fails its run at once: the caller retries it
+        cluster = LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=0,
+                               silence_logs=logging.CRITICAL, scheduler_kwargs=dict(dashboard_address='127.0.0.1:0'))
+        for i,d in enumerate(devices):
+            spec = copy.deepcopy(cluster.new_spec)
+            if d is not None: spec['options']['env'] = {**spec['options'].get('env', {}), 'CUDA_VISIBLE_DEVICES': d}
+            cluster.worker_spec[i] = spec
+        cluster.scale(len(devices))
+    return cluster
+
+def _start_method(devices:list)->str:
+    "How the local workers start: forked from a server that has imported this module (CPU), or spawned (GPU: a fresh CUDA)"
+    import multiprocessing, multiprocessing.forkserver
+    if devices[0] is not None or 'forkserver' not in multiprocessing.get_all_start_methods(): return 'spawn'
+    try:  # Dask sets the fork server's modules once; ours replace them (a fork then costs ~0.1 s, not an import of torch and fastai)
+        import dask
+        from distributed.utils import get_mp_context
+        with dask.config.set({'distributed.worker.multiprocessing-method': 'forkserver'}): get_mp_context()
+    except Exception: pass
+    multiprocessing.get_context('forkserver').set_forkserver_preload(['distributed', 'fastai_regularize.experiment'])
+    noise = 'ignore::FutureWarning:torch.jit._script'  # fastai's import in the server: said once already, in this process
+    sys.warnoptions.append(noise)  # the server's command line gets `-W` options from here
+    try: multiprocessing.forkserver.ensure_running()  # started now, with the option (once per process)
+    finally: sys.warnoptions.remove(noise)
+    return 'forkserver'
+
+@contextmanager
+def _dask_client(n_local:int, devices:list, scheduler:str|None):
+    "A Dask `Client`: of `scheduler`, or of a local cluster of `n_local` workers; closed (the local cluster with it) however the block ends"
+    try:
+        import dask
+        from distributed import Client
+    except ImportError: raise ClusterError("runs side by side need Dask: pip install 'dask[distributed]'") from None
+    if scheduler is not None:
+        try: client = Client(scheduler, timeout=30)
+        except (OSError, TimeoutError, ValueError) as e: raise ClusterError(f"cannot reach the Dask scheduler {scheduler!r}: {e}") from None
+        try: yield client
+        finally: client.close()
+        return
+    # for the cluster's whole life: a worker that dies is started again the same way
+    with dask.config.set({'distributed.worker.multiprocessing-method': _start_method(devices)}):
+        cluster = _local_cluster(devices[:n_local])
+        try:
+            with Client(cluster) as client:
+                client.register_plugin(_ignore_sigint(), name='fastai_regularize-ignore-sigint')
+                client.wait_for_workers(n_local, timeout=300)
+                yield client
+        finally: cluster.close()
+
+def _cluster_threads(client, scheduler:str)->int:
+    "Default threads per run on a cluster: the fewest of (cores // workers) over its hosts; checks the workers' threads"
+    try: client.wait_for_workers(1, timeout=60)
+    except TimeoutError: raise ClusterError(f"no Dask worker connected to {scheduler!r} within 60 s") from None
+    bad = [(a, n) for a,n in client.nthreads().items() if n != 1]
+    if bad: raise ClusterError(_threads_msg(*bad[0]))
+    cores,hosts = client.run(_usable_cores),{}
+    for a in cores: hosts.setdefault(a.rsplit(':', 1)[0], []).append(a)  # tcp://HOST:PORT: the workers of one machine
+    return max(1, min(min(cores[a] for a in addrs)//len(addrs) for addrs in hosts.values()))
+
+def _run_side_by_side(task:Task, todo:list, run:dict, write:Callable, fn:Path, workers:int, threads:int|None, scheduler:str|None)->dict:
+    "Run `todo` on Dask workers, `write(row, preds)` in this process as each finishes; a run whose worker dies is retried once"
+    from collections import deque
+    from distributed import as_completed, KilledWorker
+    blob = _send(task, '`task`')
+    configs = {c.name: _send(c, f"configuration {c.name!r}") for c in {c.name: c for _,c in todo}.values()}
+    devices = [None]*workers
+    if scheduler is None:
+        devices = _devices(workers, os.environ.get('CUDA_VISIBLE_DEVICES'), torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        if threads is None: threads = max(1, _usable_cores()//len(devices))  # what the machine gives each of the workers asked for
+    with _dask_client(min(len(devices), len(todo)), devices, scheduler) as client:
+        if scheduler is not None:
+            t = _cluster_threads(client, scheduler)
+            if threads is None: threads = t
+        n = len(client.nthreads())
+        gpus = f", one GPU each ({', '.join(devices)})" if devices[0] is not None and scheduler is None else ''
+        print(f"{len(todo)} run(s) on {n} Dask worker(s) of {scheduler or 'a local cluster'}, {threads} torch thread(s) per run{gpus}", flush=True)
+        queue,running,missing,ac = deque((s, c, 0) for s,c in todo),{},[],as_completed()
+        def fill():
+            "Send runs until each worker has one: a worker holds only the run it runs, so its death costs that run alone"
+            slots = max(1, len(client.nthreads())) if scheduler is not None else n
+            while queue and len(running) < slots:
+                seed,c,attempt = queue.popleft()
+                f = client.submit(_remote_run, blob, configs[c.name], seed, run, threads, pure=False,
+                                  key=f"fastai_regularize-run-{c.name}-s{seed}-{attempt}-{uuid.uuid4().hex[:8]}")
+                running[f] = (seed, c, attempt)
+                ac.add(f)
+        try:
+            fill()
+            for f in ac:
+                seed,c,attempt = running.pop(f)
+                name = f"{c.name} s{seed}"
+                if f.status == 'error' and isinstance(f.exception(), KilledWorker):
+                    if attempt < _RETRIES:
+                        print(f"{name}: its worker process died; running it again", flush=True)
+                        queue.appendleft((seed, c, attempt + 1))
+                    else:
+                        missing.append(name)
+                        print(f"{name}: its worker process died {attempt + 1} times; left missing: run the same command again to retry it", flush=True)
+                    fill()
+                    continue
+                fill()  # the next run starts while this one is written
+                row,preds = f.result()  # a run's own error is raised here, with its traceback
+                row['config_desc'] = c.desc  # this process's: the one a resume compares (cloudpickle rebuilds a notebook's class under its bare name)
+                write(row, preds)
+                print(f"{name}: {_run_line(row)}", flush=True)
+        except BaseException as e:
+            client.cancel(list(running))
+            if not isinstance(e, KeyboardInterrupt): raise
+            raise _interrupted([f"{c.name} s{s}" for s,c,_ in running.values()], fn) from None
+    if missing: print(f"left missing, their worker process died {_RETRIES + 1} times: {', '.join(missing)}; run the same command again to retry them", flush=True)
+    return dict(workers=n, threads_per_run=threads, scheduler=scheduler)

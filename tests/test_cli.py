@@ -247,7 +247,8 @@ def test_fit_timm_arch_on_digits(env, tmp_path):
 
 ARGVS = {'fit': [[], ['some/dir'], ['d', '--epochs', '2', '--no-mixup', '--lr', '0.01'], ['--test-dir', 't', '--cutmix', 'd'], ['--test-dir', 't', '--probs'],
                  ['--sample-submission', 's.csv', '--submission', 'o.csv', '--seed', '7']],
-         'compare': [[], ['d', '--out', 'o', '--bs', '8'], ['--seeds', '2', '--configs', 'baseline,mixup', '--fresh']],
+         'compare': [[], ['d', '--out', 'o', '--bs', '8'], ['--seeds', '2', '--configs', 'baseline,mixup', '--fresh'],
+                     ['--workers', '2', '--threads-per-run', '1'], ['--scheduler', 'tcp://127.0.0.1:8786']],
          'predict': [['m.pkl', 'd'], ['m.pkl', 'd', '--out', 'p.csv', '--seed', '3'], ['m.pkl', 'd', '--sets', '0.9'],
                      ['m.safetensors', 'd', '--trust'],
                      ['m.pkl', 'd', '--probs']]}
