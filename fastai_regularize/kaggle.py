@@ -54,7 +54,7 @@ def check_dataset_names(user:str, # Kaggle user name, the owner of the dataset
 # %% ../nbs/05d_kaggle.ipynb #a329e200
 KAGGLE_IMAGE = frozenset({'fastai', 'fastcore', 'fastprogress', 'fastdownload', 'torch', 'torchvision', 'timm', 'numpy',
                           'pandas', 'scipy', 'scikit-learn', 'matplotlib', 'pillow', 'kaggle', 'requests', 'packaging',
-                          'torchmetrics'})
+                          'torchmetrics', 'safetensors', 'huggingface-hub', 'pyyaml'})
 
 def wheel_metadata(wheel:str|Path, # A wheel file
                   ):
