@@ -19,9 +19,10 @@ from .data import DataError, DataWarning, digits_folder, image_folder_dls, get_t
 from .safe import ModelFileError, PickleWarning, MODEL_SUFFIXES, resolve_arch as _resolve_arch
 
 # %% auto #0
-__all__ = ['PROG', 'COMMANDS', 'USAGE', 'UsageError', 'resolve_arch', 'image_task', 'read_sample_submission', 'predict_probs',
-           'predict_files', 'write_submission', 'export_kind', 'export_learner', 'load_model', 'check_dest',
-           'check_fit_paths', 'write_probabilities', 'fit', 'predict', 'compare', 'kaggle_dataset', 'main']
+__all__ = ['PROG', 'COMMANDS', 'USAGE', 'UsageError', 'resolve_arch', 'image_task', 'read_sample_submission', 'read_probs_sample',
+           'predict_probs', 'predict_files', 'write_submission', 'export_kind', 'export_learner', 'load_model',
+           'check_dest', 'check_fit_paths', 'write_probabilities', 'fit', 'predict', 'compare', 'kaggle_dataset',
+           'main']
 
 # %% ../nbs/06_cli.ipynb #bf65ba42
 if __name__ == '__main__' and getattr(__spec__, 'name', None) == 'fastai_regularize.cli':  # not in a notebook
@@ -79,16 +80,20 @@ def image_task(path:str|Path|None=None, # `<label>/` folders, or `train/` and `v
 # %% ../nbs/06_cli.ipynb #c1941b4f
 def _names_list(names:list, n:int=10)->str: return ', '.join(names[:n]) + (' ...' if len(names) > n else '')
 
+def _read_sample(sample:str|Path)->tuple:
+    "`(Path, DataFrame of strings)` of a sample submission that exists and pandas reads; else `UsageError`"
+    import pandas as pd
+    sample = Path(sample)
+    if not sample.is_file(): raise UsageError(f"sample submission {sample} does not exist" if not sample.exists() else f"sample submission {sample} is not a file")
+    try: return sample,pd.read_csv(sample, dtype=str, keep_default_na=False)
+    except (ValueError, OSError) as e:  # pandas' EmptyDataError and ParserError, UnicodeDecodeError are ValueErrors
+        raise UsageError(f"sample submission {sample} is not a readable CSV ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
 def read_sample_submission(sample:str|Path, # Kaggle sample_submission.csv
                            names=None, # File names in the test folder, each listed id must be one; None: not checked
                           )->tuple:
     "`(DataFrame, id column, label column)` of a sample submission, read with pandas and checked; else `UsageError`"
-    import pandas as pd
-    sample = Path(sample)
-    if not sample.is_file(): raise UsageError(f"sample submission {sample} does not exist" if not sample.exists() else f"sample submission {sample} is not a file")
-    try: df = pd.read_csv(sample, dtype=str, keep_default_na=False)
-    except (ValueError, OSError) as e:  # pandas' EmptyDataError and ParserError, UnicodeDecodeError are ValueErrors
-        raise UsageError(f"sample submission {sample} is not a readable CSV ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    sample,df = _read_sample(sample)
     id_col = 'image_id' if 'image_id' in df.columns else df.columns[0]
     others = [c for c in df.columns if c != id_col]
     lbl_col = 'label' if 'label' in others else others[0] if len(others) == 1 else None
@@ -103,18 +108,33 @@ def read_sample_submission(sample:str|Path, # Kaggle sample_submission.csv
             raise UsageError(f"{len(missing)} image(s) listed in {sample.name} (column {id_col!r}) are not in the test folder: {_names_list(missing)}")
     return df,id_col,lbl_col
 
+def read_probs_sample(sample:str|Path, # Sample submission of a log-loss competition: an id column, then one column per class
+                      vocab:list, # The class names its other columns must be, in any order
+                      names=None, # File names in the test folder, each listed id must be one; None: not checked
+                     )->tuple:
+    "`(DataFrame, id column)` of a probability sample submission, read with pandas and checked against `vocab`; else `UsageError`"
+    sample,df = _read_sample(sample)
+    sid = 'image_id' if 'image_id' in df.columns else df.columns[0]
+    others,vocab = [c for c in df.columns if c != sid],[str(v) for v in vocab]
+    if sorted(others) != sorted(vocab):
+        raise UsageError(f"sample submission {sample.name}: its columns {others} are not the model's classes {vocab}; "
+                         "--probs fills one column per class (without --probs, a label column)")
+    if len(df) == 0: raise UsageError(f"sample submission {sample} has no rows")
+    if names is not None:
+        names = set(names)
+        missing = [i for i in df[sid] if i not in names]
+        if missing: raise UsageError(f"{len(missing)} image(s) listed in {sample.name} are not in the test folder: {_names_list(missing)}")
+    return df,sid
+
 # %% ../nbs/06_cli.ipynb #a8b105f7
 def predict_probs(learn, # A trained or loaded `Learner`
                   files:list, # Image files
                   seed:int=42, # Seed of the TTA augmentations
                   tta:dict|None=None, # `learn.tta`'s n, beta, use_max; None: those of its TTA calibration, else tta's defaults
                  ):
-    "TTA probabilities (N, C) of `files`: `learn.tta()`, with the `n`/`beta` of its TTA calibration if it has one"
-    from fastai.torch_core import set_seed
-    dl = learn.dls.test_dl(files)
-    getattr(learn.dls, 'n_inp', None)  # before seeding: fastai finds it lazily, drawing random numbers (see `tta_logits`)
-    set_seed(seed, reproducible=True)
-    return learn.tta(dl=dl, **(tta if tta is not None else getattr(learn, 'tta_params', {})))[0]
+    "TTA probabilities (N, C) of `files`: `learn.tta()` seeded (`tta_preds`), with the `n`/`beta` of its TTA calibration if it has one"
+    from fastai_regularize.activations import tta_preds
+    return tta_preds(learn, learn.dls.test_dl(files), seed=seed, **(tta if tta is not None else getattr(learn, 'tta_params', {})))[0]
 
 def predict_files(learn, # A trained or loaded `Learner`
                   files:list, # Image files
@@ -207,9 +227,17 @@ def _check_figure(fn:str|Path, what:str):
     if Path(fn).suffix.lower()[1:] not in ok: raise UsageError(f"{what} {str(fn)!r} must end in one of {', '.join('.' + k for k in sorted(ok))}")
     check_dest(fn, what)
 
+def _folder_classes(path:str|None)->list:
+    "The class names `image_folder_dls` finds in `path` (the folder names of its image files; the digits' if None), without reading an image"
+    from fastai.data.transforms import get_image_files, parent_label
+    if path is None: return [str(i) for i in range(10)]
+    p = Path(path)
+    split = (p/'train').is_dir() and (p/'valid').is_dir()
+    return sorted({parent_label(f) for f in get_image_files(p, folders=['train', 'valid'] if split else None)})
+
 def check_fit_paths(path:str|None, test_dir:str|None, sample_submission:str|None, submission:str, export:str|None,
-                    reliability:str|None)->tuple:
-    "`(test images, names of every file in the test folder)` once every path `fit` reads or writes is checked"
+                    reliability:str|None, probs:bool=False)->tuple:
+    "`(test images, names of every file in the test folder)` once every path `fit` reads or writes is checked (`probs`: the sample's class columns too)"
     if path is not None and not Path(path).exists(): raise DataError(f"path {path} does not exist")
     if path is not None and not Path(path).is_dir(): raise DataError(f"path {path} is not a folder")
     if export is not None: export_kind(export); check_dest(export, '--export')
@@ -218,7 +246,9 @@ def check_fit_paths(path:str|None, test_dir:str|None, sample_submission:str|None
     if not Path(test_dir).is_dir(): raise DataError(f"test folder {test_dir} does not exist")
     check_dest(submission, '--submission')
     names = [f.name for f in Path(test_dir).rglob('*') if f.is_file()]
-    if sample_submission is not None: read_sample_submission(sample_submission, names)
+    if sample_submission is not None:
+        if probs: read_probs_sample(sample_submission, _folder_classes(path), names)
+        else: read_sample_submission(sample_submission, names)
     return get_test_images(test_dir),names
 
 def _exportable(task, fn:str):
@@ -259,19 +289,7 @@ def write_probabilities(names:list, # Item ids (image file names), one per row o
     rows = dict(zip(names, p.tolist()))
     if sample is None: df = pd.DataFrame([[n, *r] for n,r in zip(names, p.tolist())], columns=[id_col, *vocab])
     else:
-        sample = Path(sample)
-        if not sample.is_file(): raise UsageError(f"sample submission {sample} does not exist")
-        df = pd.read_csv(sample, dtype=str, keep_default_na=False)
-        sid = 'image_id' if 'image_id' in df.columns else df.columns[0]
-        others = [c for c in df.columns if c != sid]
-        if sorted(others) != sorted(vocab):
-            raise UsageError(f"sample submission {sample.name}: its columns {others} are not the model's classes {vocab}; "
-                             "--probs fills one column per class (without --probs, a label column)")
-        bad = set(unreadable)
-        missing = [i for i in df[sid] if i not in rows and i not in bad]
-        if missing:
-            raise UsageError(f"{len(missing)} image(s) listed in {sample.name} are not in the test folder: "
-                             + ', '.join(missing[:10]) + (' ...' if len(missing) > 10 else ''))
+        df,sid = read_probs_sample(sample, vocab, set(rows) | set(unreadable))
         fill = [1/len(vocab)]*len(vocab) if fill is None else [float(v) for v in fill]
         filled = [i for i in df[sid] if i not in rows]
         if filled:
@@ -345,7 +363,7 @@ def fit(path:str=None, # Image folder: <label>/ folders, or train/ and valid/ ho
     if probs and test_dir is None: raise UsageError("--probs needs --test-dir")
     resolve_arch(arch)
     epochs,lr,seed = _check_int('epochs', epochs),_check('lr', lr, lo=0, lo_open=True, hi=10),_check_int('seed', seed, 0)
-    test_files,all_names = check_fit_paths(path, test_dir, sample_submission, submission, export, reliability)
+    test_files,all_names = check_fit_paths(path, test_dir, sample_submission, submission, export, reliability, probs)
     task = image_task(path, arch, size, bs, split_seed=seed)
     if export is not None and export_kind(export) == 'safetensors': task = _exportable(task, export)
     config = _fit_config(not no_ls, None if no_mixup and not cutmix else 'cutmix' if cutmix else 'mixup')

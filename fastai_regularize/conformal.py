@@ -4,7 +4,7 @@
 
 # %% ../nbs/04a_conformal.ipynb #8bf21887
 from __future__ import annotations
-import hashlib, math, warnings
+import hashlib, json, math, warnings
 from fractions import Fraction
 
 import torch
@@ -15,7 +15,7 @@ from fastai.metrics import AccumMetric
 from fastai.callback.core import GatherPredsCallback
 
 from .core import check_int, check_number
-from .activations import BaseSoftmax
+from .activations import BaseSoftmax, tta_preds
 from .calibration_metrics import _tensor, _check_real, _learner_probs
 from .calibration import _is_sigmoid_loss
 
@@ -180,7 +180,7 @@ class ConformalPredictor:
                  alpha:float=0.1, # Default miscoverage of `sets`
                  allow_empty:bool=True, # False: the most probable class is always in the set
                  tta:dict|None=None, # How a `Learner` made the probabilities: None single pass, else `learn.tta`'s n, beta, use_max
-                 calibration:str|None=None, # Digest of the `Learner`'s `default_act` then (None: none installed)
+                 calibration:str|None=None, # Digest of the `Learner`'s calibration then (`_calibration_digest`; None: none installed)
                 ):
         self.n_classes,self.score = check_int('n_classes', n_classes, 2),_check_score(score)
         self.randomized,self.class_conditional = _check_flag('randomized', randomized),_check_flag('class_conditional', class_conditional)
@@ -289,23 +289,29 @@ def _act_digest(act)->str|None:
     if not isinstance(act, (BaseSoftmax, torch.nn.Module)): h.update(getattr(act, '__qualname__', '').encode())  # a function: its name
     return h.hexdigest()[:16]
 
+def _calibration_digest(learn:Learner, tta:dict|None)->str|None:
+    "Digest of the calibration that probabilities made as `tta` says go through: `tta_act` and `tta_params` for TTA when installed, else `default_act`"
+    tta_act = getattr(learn, 'tta_act', None)
+    if tta is None or tta_act is None: return _act_digest(getattr(learn, 'default_act', None))
+    h = hashlib.sha256(f"tta_act {_act_digest(tta_act)}".encode())
+    h.update(json.dumps(getattr(learn, 'tta_params', None), sort_keys=True, default=repr).encode())
+    return h.hexdigest()[:16]
+
 def _installed(learn:Learner, what:str)->ConformalPredictor:
     "The learner's conformal predictor, if it still matches the learner's calibration"
     pred = getattr(learn, 'conformal', None)
     if not isinstance(pred, ConformalPredictor):
         raise ValueError(f"{what} needs the conformal predictor `learn.conformalize()` installs, and this learner has none")
-    if _act_digest(getattr(learn, 'default_act', None)) != pred.calibration:
-        raise ValueError(f"{what}: the learner's calibration (`default_act`) changed since `conformalize()`, so the held-out "
+    if _calibration_digest(learn, pred.tta) != pred.calibration:
+        which = "(`default_act`)" if pred.tta is None else "of TTA (`tta_act` and `tta_params`, else `default_act`)"
+        raise ValueError(f"{what}: the learner's calibration {which} changed since `conformalize()`, so the held-out "
                          f"scores came from other probabilities; call `learn.conformalize()` again")
     return pred
 
 def _probs_targs(learn:Learner, dl, tta:dict|None, seed:int)->tuple:
-    "Probabilities and targets of `dl` (the validation set if None): single pass, or seeded TTA"
+    "Probabilities and targets of `dl` (the validation set if None): single pass, or seeded TTA (`tta_preds`, as the CLI predicts)"
     if tta is None: probs,targs = learn.get_preds(dl=dl)
-    else:
-        from fastai.torch_core import set_seed
-        set_seed(seed, reproducible=True)
-        probs,targs = learn.tta(dl=dl, **tta)
+    else: probs,targs = tta_preds(learn, dl, seed=seed, **tta)
     if isinstance(probs, Tensor) and probs.dtype in (torch.float16, torch.bfloat16): probs = probs.float()
     return probs,targs
 
@@ -334,7 +340,7 @@ def conformalize(self:Learner,
         raise ValueError("`dl` is None and the learner has no validation set to conformalize on; pass a held-out `dl`")
     probs,targs = _probs_targs(self, dl, tta, seed)
     if targs is None: raise ValueError("`dl` has no targets: conformalize needs labelled held-out items")
-    try: pred = ConformalPredictor.fit(probs, targs, tta=tta, calibration=_act_digest(getattr(self, 'default_act', None)), **settings)
+    try: pred = ConformalPredictor.fit(probs, targs, tta=tta, calibration=_calibration_digest(self, tta), **settings)
     except ValueError as e:
         if 'cal_probs' not in str(e): raise
         raise ValueError(f"{e}; these came from `learn.{'tta' if tta else 'get_preds'}`: does the loss have a softmax `activation` "

@@ -26,7 +26,8 @@ import fastai.losses as fal
 import fastai.vision.augment as aug
 
 from .activations import BaseSoftmax, no_activation
-from .calibration import VectorScaling, MatrixScaling, DirichletCalibration, SigmoidScaling
+from .calibration import VectorScaling, MatrixScaling, DirichletCalibration, SigmoidScaling, ClassAxis
+from .conformal import ConformalPredictor, _calibration_digest
 from .native import _why_untrusted
 from . import losses as frl
 from .data import ResizeChannels
@@ -404,13 +405,18 @@ _ACTS = {'VectorScaling': VectorScaling, 'MatrixScaling': MatrixScaling, 'Dirich
 def act_state(act)->tuple:
     "`(state, tensors)` of an activation `calibrate` installs, for a `BundleExtra`'s `to_state`"
     if act is no_activation: return {'kind': 'no_activation'},{}
+    if type(act) is ClassAxis:
+        inner,tensors = act_state(act.scaler)
+        if inner['kind'] not in _ACTS: raise ValueError(f"{act!r}: a ClassAxis around {inner['kind']} is not one `calibrate` makes")
+        if isinstance(act.axis, bool) or not isinstance(act.axis, int): raise ValueError(f"{act!r}: its axis must be an int")
+        return {'kind': 'ClassAxis', 'axis': act.axis, 'inner': inner},tensors
     if type(act) is BaseSoftmax: return {'kind': 'BaseSoftmax', 'base': act.base, 'dim': act.dim},{}
     if type(act).__name__ in _ACTS and _ACTS[type(act).__name__] is type(act):
         state = {'kind': type(act).__name__}
         if type(act) is DirichletCalibration: state['reg'] = float(act.reg)
         return state,{'weight': act.weight.detach().cpu(), 'bias': act.bias.detach().cpu()}
     raise ValueError(f"{act!r} is not an activation a bundle can store (BaseSoftmax, VectorScaling, MatrixScaling, "
-                     f"DirichletCalibration, SigmoidScaling, no_activation)")
+                     f"DirichletCalibration, SigmoidScaling, ClassAxis, no_activation)")
 
 def act_from_state(state:dict, tensors:dict, version:int=1):
     "The activation `act_state` stored"
@@ -418,6 +424,11 @@ def act_from_state(state:dict, tensors:dict, version:int=1):
     try:
         if kind == 'no_activation': return no_activation
         if kind == 'BaseSoftmax': return BaseSoftmax(state['base'], state['dim'])
+        if kind == 'ClassAxis':
+            axis,inner = state['axis'],state['inner']
+            if isinstance(axis, bool) or not isinstance(axis, int): raise ValueError(f"axis {axis!r}")
+            if not isinstance(inner, dict) or inner.get('kind') not in _ACTS: raise ValueError(f"inner map {str(inner)[:60]}")
+            return ClassAxis(act_from_state(inner, tensors, version), axis)
         if kind in _ACTS:
             w,b = tensors['weight'],tensors['bias']
             if b.ndim != 1 or w.shape not in ((len(b),), (len(b), len(b))): raise ValueError(f"weight {tuple(w.shape)}, bias {tuple(b.shape)}")
@@ -425,7 +436,34 @@ def act_from_state(state:dict, tensors:dict, version:int=1):
     except (KeyError, TypeError, ValueError) as e: _bad('activation', f"malformed {kind}: {_one_line(e)}")
     _bad('activation', f"unknown kind {kind!r}")
 
-register_bundle_extra('default_act', act_state, lambda state, tensors, version: act_from_state(state, tensors, version))
+for _attr in ('default_act', 'tta_act'): register_bundle_extra(_attr, act_state, act_from_state)
+
+def _tta_params(p, bad):
+    "`p` checked to be `calibrate(tta=...)`'s `{'n': int >= 1, 'beta': number in [0, 1]}`; else `bad(message)`"
+    if not isinstance(p, dict) or set(p) != {'n', 'beta'}: return bad(f"must be a dict of 'n' and 'beta', got {str(p)[:60]}")
+    n,b = p['n'],p['beta']
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1: return bad(f"'n' must be an int >= 1, got {n!r}")
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b <= 1: return bad(f"'beta' must be in [0, 1], got {b!r}")
+    return {'n': n, 'beta': b}
+
+def _raise(msg): raise ValueError(msg)
+
+register_bundle_extra('tta_params', lambda p: (_tta_params(p, _raise), {}),
+                      lambda state, tensors, version: _tta_params(state, lambda m: _bad('tta_params', m)))
+
+def _conformal_state(pred)->tuple:
+    "(settings, {'scores', 'targs'}) of a `ConformalPredictor`"
+    if type(pred) is not ConformalPredictor: raise ValueError(f"{type(pred).__name__} is not a ConformalPredictor")
+    st = pred.state()
+    return st['settings'],{'scores': st['scores'], 'targs': st['targs']}
+
+def _conformal_from_state(state:dict, tensors:dict, version:int=1)->ConformalPredictor:
+    missing = [k for k in ('scores', 'targs') if k not in tensors]
+    if missing: _bad('conformal', f"tensor(s) {missing} missing")
+    try: return ConformalPredictor.from_state({'scores': tensors['scores'], 'targs': tensors['targs'], 'settings': state})
+    except (TypeError, ValueError) as e: _bad('conformal', _one_line(e))
+
+register_bundle_extra('conformal', _conformal_state, _conformal_from_state)
 
 # %% ../nbs/05c_safe.ipynb #98e9b244
 TRAINING_ONLY_CBS = {'MixUp', 'CutMix', 'RegMixUp', 'ManifoldMixUp', 'MixHandler', 'MixedPrecision', 'NonNativeMixedPrecision',
@@ -442,14 +480,16 @@ def _check_cbs(learn, drop_cbs:bool):
 _LEARNER_OWN = ('loss_func', 'model', 'dls', 'opt', 'opt_func', 'splitter', 'metrics', 'cbs', 'loss_grad', 'loss', 'pred',
                 'xb', 'yb', 'dl', 'lr', 'wd', 'moms', 'path', 'model_dir', 'arch', 'n_out', 'n_in', 'normalize', 'pretrained')
 
+_INSTALLED = ('default_act', 'tta_act', 'tta_params', 'conformal')  # what `calibrate`/`conformalize` install, whatever its type
+
 def _unregistered(learn)->list:
-    "Attributes of `learn` holding an object of this package that no `BundleExtra` would store"
+    "Attributes of `learn` holding an object of this package, or named as this package's, that no `BundleExtra` would store"
     out = []
     for k,v in vars(learn).items():
         if k in BUNDLE_EXTRAS or k in _LEARNER_OWN or isinstance(v, Callback): continue
         f = v.func if isinstance(v, partial) else v
         mod = getattr(f, '__module__', '') if inspect.isroutine(f) else type(f).__module__
-        if (mod or '').split('.')[0] == 'fastai_regularize': out.append(f"{k} ({type(v).__name__})")
+        if k in _INSTALLED or (mod or '').split('.')[0] == 'fastai_regularize': out.append(f"{k} ({type(v).__name__})")
     return out
 
 # %% ../nbs/05c_safe.ipynb #b6e67c68
@@ -640,6 +680,19 @@ def _same_structure(orig:Learner, new:Learner):
             raise ValueError(f"the model's {k} is {a.dtype} {tuple(a.shape)}; vision_learner's is "
                              f"{'missing' if b is None else f'{b.dtype} {tuple(b.shape)}'}: use learn.export")
 
+def _compare_conformal(orig:Learner, new:Learner, po:Tensor, pn:Tensor):
+    "`ValueError` unless `new` has `orig`'s conformal predictor: its settings, its sets of the probe's probabilities, its validity"
+    co,cn = getattr(orig, 'conformal', None),getattr(new, 'conformal', None)
+    if co is None and cn is None: return
+    same = co is not None and cn is not None and co.state()['settings'] == cn.state()['settings'] \
+           and torch.equal(co.scores, cn.scores) and torch.equal(co.targs, cn.targs)
+    try: sets = same and torch.equal(co.sets(po), cn.sets(pn))
+    except ValueError: sets = same                                # probe probabilities it cannot take (not a softmax's)
+    valid = lambda l, c: _calibration_digest(l, c.tta) == c.calibration
+    if not (same and sets and valid(orig, co) == valid(new, cn)):
+        raise ValueError("the learner rebuilt from the bundle differs from this one in its conformal predictor (learn.conformal): "
+                         "export_safe cannot store it faithfully: use learn.export")
+
 def _compare(orig:Learner, new:Learner):
     "`ValueError` naming the first thing in which `new` predicts otherwise than `orig` on the probe images"
     def differ(what, a, b, exact=False):
@@ -662,6 +715,14 @@ def _compare(orig:Learner, new:Learner):
     differ('the logits', zo, zn)
     po,pn = _act(orig, zo),_act(new, zn)
     differ('the probabilities (activation or installed calibration)', po, pn)
+    if getattr(orig, 'tta_act', None) is not None or getattr(new, 'tta_act', None) is not None:
+        ta,tn = getattr(orig, 'tta_act', None),getattr(new, 'tta_act', None)
+        if ta is None or tn is None: differ('whether it has a TTA calibration (tta_act)', ta is None, tn is None, exact=True)
+        differ('the probabilities of its TTA calibration (tta_act)', ta(zo), tn(zn))
+    if getattr(orig, 'tta_params', None) != getattr(new, 'tta_params', None):
+        raise ValueError(f"the learner rebuilt from the bundle has tta_params {getattr(new, 'tta_params', None)}, this one "
+                         f"{getattr(orig, 'tta_params', None)}: use learn.export")
+    _compare_conformal(orig, new, po, pn)
     dec = lambda l,p: getattr(l.loss_func, 'decodes', lambda x: x)(p)
     differ('the decoded predictions', dec(orig, po), dec(new, pn), exact=True)
     multi = any(isinstance(f, MultiCategorize) for f in new.dls.valid_ds.tfms[1].fs)

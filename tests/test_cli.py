@@ -152,6 +152,8 @@ def test_predict_sets_column(paddy, env, fitted):
     vocab = [str(v) for v in learn.dls.vocab]
     want = [' '.join(vocab[c] for c in probs[i].argsort(descending=True).tolist() if sets[i, c]) for i in range(len(files))]
     assert list(got.set) == want and list(got.set_size) == [str(int(n)) for n in sets.sum(1)]
+    from fastai_regularize.cli import predict_probs
+    assert torch.equal(probs, predict_probs(learn, files, seed=42, tta=learn.conformal.tta))   # one path: `tta_preds`
     assert 0 < sets.sum(1).double().mean() < len(vocab)                      # neither all empty nor all full
     learn.conformal = None                                                   # a learner without scores: one line
     learn.export(paddy/'plain.pkl')
@@ -278,10 +280,10 @@ def run_main(*args):
 
 @pytest.fixture(scope='session')
 def fitted_safe(paddy, env, fitted):
-    "The run of `fitted` again (same seed and flags), exported as a safe bundle"
+    "The run of `fitted` again (same seed and flags, --conformalize too), exported as a safe bundle"
     r = cli(env, paddy, 'fit', 'train_images', '--epochs', 1, '--size', 16, '--bs', 32, '--test-dir', 'test_images',
             '--sample-submission', 'sample_submission.csv', '--submission', 'out/submission_safe.csv', '--export',
-            'model.safetensors', '--calibrate', '--reliability', 'out/reliability_safe.png')
+            'model.safetensors', '--calibrate', '--reliability', 'out/reliability_safe.png', '--conformalize')
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'exported the learner to model.safetensors (a safe bundle)' in r.stdout
     return paddy/'model.safetensors'
@@ -412,13 +414,15 @@ def _sample(tmp_path, paddy, case):
     elif case == 'id_only': pd.DataFrame({'image_id': ids}).to_csv(fn, index=False)
     elif case == 'empty': fn.write_bytes(b'')
     elif case == 'binary': fn.write_bytes(b'\xff\xfe\x00\x81garbage\x00' * 20)
+    elif case == 'probs_columns': pd.DataFrame({'image_id': ids, **{str(c): 0.1 for c in range(9)}, 'ten': 0.1}).to_csv(fn, index=False)
     return fn
 
 @pytest.mark.parametrize('case,msg', [
     ('no_label', "cannot tell the label column among ['a', 'b']"), ('unknown_ids', 'not in the test folder: nope.png'),
     ('id_only', 'cannot tell the label column among []'), ('empty', 'is not a readable CSV'), ('binary', 'is not a readable CSV'),
     ('export_suffix', "--export '"), ('export_parent', 'is a file, not a folder'), ('submission_folder', 'is a folder; give a file name'),
-    ('missing_test_dir', 'test folder'), ('reliability_suffix', '--reliability')])
+    ('missing_test_dir', 'test folder'), ('reliability_suffix', '--reliability'),
+    ('probs_columns', "its columns ['0', '1', '2', '3', '4', '5', '6', '7', '8', 'ten'] are not the model's classes ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9']")])
 def test_fit_checks_inputs_before_training(paddy, tmp_path, monkeypatch, case, msg):
     "Every path and the sample submission are checked before anything trains (`train_run` would fail the test)"
     import fastai_regularize.experiment as fre
@@ -427,6 +431,7 @@ def test_fit_checks_inputs_before_training(paddy, tmp_path, monkeypatch, case, m
     (tmp_path/'file').write_text('x')
     args = ['fit', paddy/'train_images', '--epochs', 1, '--test-dir', paddy/'test_images', '--submission', tmp_path/'sub.csv']
     if case in ('no_label', 'unknown_ids', 'id_only', 'empty', 'binary'): args += ['--sample-submission', _sample(tmp_path, paddy, case)]
+    if case == 'probs_columns': args += ['--probs', '--sample-submission', _sample(tmp_path, paddy, case)]
     extra = {'export_suffix': ['--export', tmp_path/'m.onnx'], 'export_parent': ['--export', tmp_path/'file'/'m.safetensors'],
              'submission_folder': ['--submission', tmp_path], 'missing_test_dir': ['--test-dir', tmp_path/'nope'],
              'reliability_suffix': ['--calibrate', '--reliability', tmp_path/'r.nope']}
@@ -460,6 +465,36 @@ def test_compare_checks_out_before_training(paddy, tmp_path, monkeypatch):
     assert rc == 2 and err.strip() == f"fastai-regularize: error: compare: path {tmp_path/'nope'} does not exist"
 
 
-@pytest.mark.skip(reason="TODO(integrator): once branch `tta` adds `predict --probs`, predict both formats of `fitted`/`fitted_safe` "
-                         "with --probs and assert the probability CSVs are equal (the calibrated probabilities, not only labels)")
-def test_probs_equal_for_both_formats(): pass
+def test_probs_and_sets_equal_for_both_formats(paddy, fitted, fitted_safe, tmp_path, monkeypatch):
+    "`predict --probs` and `predict --sets` from the safe bundle and from the pickle of the same run: the same files, digit for digit"
+    from fastai_regularize.cli import load_model
+    out = {}
+    for kind,model in (('pkl', paddy/'model.pkl'), ('safe', fitted_safe)):
+        with monkeypatch.context() as m:
+            if kind == 'safe': _no_unpickling(m)
+            for opt in (['--probs'], ['--sets', '0.9']):
+                fn = tmp_path/f"{kind}{opt[0]}.csv"
+                rc,_,err = run_main('predict', model, paddy/'test_images', '--out', fn, *opt)
+                assert rc == 0, err
+                out[kind, opt[0]] = fn.read_text()
+    assert out['safe', '--probs'] == out['pkl', '--probs'] and out['safe', '--sets'] == out['pkl', '--sets']
+    b = load_model(fitted_safe)
+    probs = pd.read_csv(tmp_path/'safe--probs.csv', dtype={'image_id': str})
+    assert list(probs.columns) == ['image_id', *[str(v) for v in b.dls.vocab]] and len(probs) == 40
+    assert b.tta_params == {'n': 4, 'beta': 0.25} and type(b.tta_act).__name__ == 'BaseSoftmax'   # calibrated for TTA
+    assert b.conformal.tta == {'n': 4, 'beta': 0.25, 'use_max': False} and b.conformal.score == 'aps'
+    sets = pd.read_csv(tmp_path/'safe--sets.csv', dtype=str, keep_default_na=False)
+    assert list(sets.columns) == ['image_id', 'label', 'set', 'set_size'] and 0 < sets.set_size.astype(int).mean() < 10
+
+
+def test_predict_sets_refuses_scores_of_another_tta_calibration(paddy, fitted_safe, test_imgs, tmp_path):
+    "A bundle whose TTA map is not the one its conformal scores were made under: `--sets` refuses in one line, `--probs` still works"
+    fn = tmp_path/'other_tta.safetensors'
+    _edited(fitted_safe, fn, lambda h: h['extras']['tta_act']['state'].update(base=h['extras']['tta_act']['state']['base']*1.5))
+    rc,_,err = run_main('predict', fn, test_imgs, '--out', tmp_path/'s.csv', '--sets', '0.9')
+    assert rc == 2 and err.strip() == ("fastai-regularize: error: predict: --sets: the learner's calibration of TTA (`tta_act` and "
+        "`tta_params`, else `default_act`) changed since `conformalize()`, so the held-out scores came from other probabilities; "
+        "call `learn.conformalize()` again"), err
+    assert not (tmp_path/'s.csv').exists()
+    rc,_,err = run_main('predict', fn, test_imgs, '--out', tmp_path/'p.csv', '--probs')
+    assert rc == 0, err

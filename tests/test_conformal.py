@@ -465,3 +465,58 @@ def test_state_is_plain_data_that_rebuilds_the_predictor(tmp_path):
     assert (back.tta, back.calibration, back.k_reg, back.lam) == (pred.tta, pred.calibration, 1, 0.01)
     learn.conformal = back
     learn.predict_sets()                                            # the calibration digest survived
+
+
+# ---------------------------------------------------------------- TTA: one path with the CLI, tied to the TTA calibration
+
+def _flip_learner(n_valid=300, seed=0):
+    "A linear classifier of 6x6 images with a random flip (TTA's passes differ), three times too confident, never predicted with"
+    from fastai.vision.augment import Flip
+    from fastai_regularize.data import tensor_image_dls
+    g = torch.Generator().manual_seed(seed)
+    n = 100 + n_valid
+    x = (torch.rand(n, 6, 6, generator=g)*255).to(torch.uint8)
+    W = torch.randn(36, 3, generator=g)/4
+    y = torch.multinomial(F.softmax((x.float()/64 - 2).flatten(1) @ W, -1), 1, generator=g)[:, 0]
+    dls = tensor_image_dls(x[:100], y[:100], x[100:], y[100:], ['a', 'b', 'c'], bs=64, batch_tfms=[Flip(p=0.5)])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
+    with torch.no_grad(): model[1].weight.copy_(3*W.T); model[1].bias.zero_()
+    return Learner(dls, model, loss_func=CrossEntropyLossFlat())
+
+def test_a_learners_first_tta_conformalize_is_seeded_as_tta_logits():
+    """fastai's lazy `dls.n_inp` draws random numbers on a learner's first batch: `conformalize(tta=...)` as the first
+    prediction must give the scores of the seeded passes `tta_logits` gives (through the TTA map, combined as `tta` does)"""
+    from fastai_regularize.activations import tta_logits, combine_tta
+    learn = _flip_learner()
+    pred = learn.conformalize(score='lac', tta=dict(n=2), seed=5)
+    P,y = tta_logits(learn, n=2, seed=5)
+    assert not torch.equal(P[0], P[1])                                              # the passes differ: the seed matters
+    assert torch.equal(pred.scores, conformal_scores(combine_tta(F.softmax(P, -1), 0.25).double(), y))
+    learn.calibrate(tta=dict(n=2), seed=5)                                         # through the installed TTA map too
+    pred = learn.conformalize(score='lac', tta=dict(n=2), seed=5)
+    assert torch.equal(pred.scores, conformal_scores(combine_tta(torch.stack([learn.tta_act(z) for z in P]), 0.25).double(), y))
+
+def test_a_later_tta_calibration_invalidates_tta_scores():
+    "Scores are tied to the calibration their probabilities went through: TTA scores to `tta_act`/`tta_params`, single-pass ones to `default_act`"
+    learn = _flip_learner()
+    learn.calibrate(); learn.calibrate(tta=dict(n=2))
+    learn.conformalize(tta=dict(n=2))
+    sets,probs = learn.predict_sets(learn.dls.valid)
+    learn.calibrate(tta=dict(n=2, beta=0.5))                                      # another TTA map: refused
+    msg = r'calibration of TTA \(`tta_act` and `tta_params`, else `default_act`\) changed since `conformalize\(\)`'
+    with pytest.raises(ValueError, match=msg): learn.predict_sets()
+    with pytest.warns(UserWarning, match='only approximately calibrated'): learn.conformalize(tta=dict(n=2))
+    learn.tta_params = {'n': 3, 'beta': 0.25}                                      # the same map, fitted for other settings
+    with pytest.raises(ValueError, match=msg): learn.predict_sets()
+    learn.calibrate(tta=dict(n=2))
+    learn.conformalize(tta=dict(n=2))
+    assert torch.equal(learn.predict_sets(learn.dls.valid)[0], sets)             # refitted as before: the same sets
+    learn.calibrate('vector')                                                     # `tta` applies `tta_act`, not `default_act`
+    assert torch.equal(learn.predict_sets(learn.dls.valid)[0], sets)
+    learn.reset_calibration('tta')                                                # `tta` now applies `default_act`: refused
+    with pytest.raises(ValueError, match=msg): learn.predict_sets()
+    learn.conformalize()                                                          # single pass: a TTA map does not matter
+    learn.calibrate(tta=dict(n=2))
+    learn.predict_sets()
+    learn.calibrate('temperature')
+    with pytest.raises(ValueError, match=r'calibration \(`default_act`\) changed'): learn.predict_sets()

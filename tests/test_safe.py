@@ -191,32 +191,97 @@ def test_refusals_name_what_is_missing(imgs, tmp_path):
     finally: SAFE_CLASSES.pop(frs._qualname(Posterize))
 
 
-def test_unregistered_extra_refused_then_registered(trained, tmp_path):
-    "An object of this package installed under an attribute no extra stores is refused; registering one stores it"
+def test_unregistered_extra_refused_then_registered(trained, tmp_path, monkeypatch):
+    "What `calibrate` installs is refused while its extra is unregistered (an object of ours, or a plain dict under our name)"
     learn = trained
-    learn.tta_act = BaseSoftmax(3.)
+    learn.tta_act,learn.tta_params = BaseSoftmax(3.),{'n': 4, 'beta': 0.25}
     try:
-        with pytest.raises(ValueError, match=r'tta_act \(BaseSoftmax\)'): check_safe(learn)
-        register_bundle_extra('tta_act', act_state, act_from_state)
-        try:
-            export_safe(learn, tmp_path/'m.safetensors')
-            new = load_safe(tmp_path/'m.safetensors')
-            assert type(new.tta_act) is BaseSoftmax and new.tta_act.base == 3.
-        finally: BUNDLE_EXTRAS.pop('tta_act')
-        with pytest.raises(ModelFileError, match='holds learn.tta_act, which this version'): load_safe(tmp_path/'m.safetensors')
-    finally: del learn.tta_act
+        with monkeypatch.context() as m:
+            m.delitem(BUNDLE_EXTRAS, 'tta_act'); m.delitem(BUNDLE_EXTRAS, 'tta_params')
+            with pytest.raises(ValueError, match=r'tta_act \(BaseSoftmax\), tta_params \(dict\)'): check_safe(learn)
+            register_bundle_extra('tta_act', act_state, act_from_state)
+            with pytest.raises(ValueError, match=r'holds tta_params \(dict\), which a bundle would leave out'): check_safe(learn)
+        export_safe(learn, tmp_path/'m.safetensors')                      # both registered (as on import)
+        new = load_safe(tmp_path/'m.safetensors')
+        assert type(new.tta_act) is BaseSoftmax and new.tta_act.base == 3. and new.tta_params == {'n': 4, 'beta': 0.25}
+        with monkeypatch.context() as m:
+            m.delitem(BUNDLE_EXTRAS, 'tta_act')                              # a reader that does not know it: refused
+            with pytest.raises(ModelFileError, match='holds learn.tta_act, which this version'): load_safe(tmp_path/'m.safetensors')
+        learn.other_act = BaseSoftmax(2.)
+        with pytest.raises(ValueError, match=r'other_act \(BaseSoftmax\)'): check_safe(learn)
+    finally: learn.reset_calibration(); vars(learn).pop('other_act', None)
 
 
-# TODO(integrator): these run once the branches that install the extras are merged and register them
-def test_tta_calibration_roundtrip_once_registered():
-    if 'tta_act' not in BUNDLE_EXTRAS: pytest.skip("branch `tta` registers `tta_act` (register_bundle_extra) when merged")
-    pytest.skip("TODO(integrator): fit the TTA calibration on `trained`, export_safe/load_safe, assert tta_act (and n/beta/use_max) "
-                "and the calibrated TTA probabilities equal the learner's")
+def _tta_calibrated(learn, method):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # tiny held-out set: separability warnings
+        learn.calibrate('temperature'); learn.calibrate(method, tta=dict(n=2, beta=0.4), seed=1)
 
-def test_conformal_roundtrip_once_registered():
-    if not any('conformal' in k for k in BUNDLE_EXTRAS): pytest.skip("branch `conformal` registers its predictor when merged")
-    pytest.skip("TODO(integrator): install the conformal predictor on `trained`, export_safe/load_safe, assert its thresholds "
-                "and the prediction sets equal the learner's")
+@pytest.mark.parametrize('method', ['temperature', 'vector'])
+def test_tta_calibration_roundtrip(trained, imgs, tmp_path, method):
+    "`tta_act` and `tta_params` survive: the reloaded learner's calibrated TTA probabilities are the learner's"
+    from fastai_regularize.activations import tta_preds
+    learn = trained
+    try:
+        _tta_calibrated(learn, method)
+        files = sorted(get_image_files(imgs))[::5]
+        export_safe(learn, tmp_path/'m.safetensors')
+        new = load_safe(tmp_path/'m.safetensors')
+        assert type(new.tta_act) is type(learn.tta_act) and new.tta_params == learn.tta_params == {'n': 2, 'beta': 0.4}
+        want = tta_preds(learn, learn.dls.test_dl(files), n=2, beta=0.4, seed=3)[0]
+        torch.testing.assert_close(tta_preds(new, new.dls.test_dl(files), n=2, beta=0.4, seed=3)[0], want, rtol=0, atol=1e-6)
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')                                 # fitted for these settings: no warning after reload
+            set_seed(3); got = new.tta(dl=new.dls.test_dl(files), n=2, beta=0.4)[0]
+        set_seed(3); torch.testing.assert_close(got, learn.tta(dl=learn.dls.test_dl(files), n=2, beta=0.4)[0], rtol=0, atol=1e-6)
+        # the TTA map changed the probabilities (so a bundle that dropped it would fail), and it is not the single-pass one
+        for act in (None, learn.default_act):
+            other = tta_preds(learn, learn.dls.test_dl(files), n=2, beta=0.4, seed=3, act=act or (lambda z: torch.softmax(z, -1)))[0]
+            assert not torch.allclose(want, other, atol=1e-4)
+    finally: learn.reset_calibration()
+
+
+def test_conformal_roundtrip(trained, imgs, tmp_path):
+    "`learn.conformal` survives: the same scores, settings, thresholds, prediction sets, and still valid for the calibration"
+    import fastai_regularize.conformal  # noqa: F401 (`Learner.conformalize`)
+    from fastai_regularize.conformal import ConformalPredictor
+    learn = trained
+    try:
+        _tta_calibrated(learn, 'temperature')
+        pred = learn.conformalize(alpha=0.3, score='aps', randomized=True, tta=dict(n=2, beta=0.4), seed=2)
+        files = sorted(get_image_files(imgs))
+        export_safe(learn, tmp_path/'m.safetensors')
+        h,ts = read_bundle(tmp_path/'m.safetensors')
+        assert h['extras']['conformal']['state']['score'] == 'aps' and ts['extra.conformal.scores'].dtype == torch.float64
+        new = load_safe(tmp_path/'m.safetensors')
+        c = new.conformal
+        assert type(c) is ConformalPredictor and c.state()['settings'] == pred.state()['settings']
+        assert torch.equal(c.scores, pred.scores) and torch.equal(c.targs, pred.targs)
+        for a in (0.3, 0.5): assert c.threshold(a) == pred.threshold(a)
+        want = learn.predict_sets(learn.dls.test_dl(files))
+        got = new.predict_sets(new.dls.test_dl(files))                    # refused if the calibration digest did not survive
+        assert torch.equal(got[0], want[0]) and 0 < want[0].sum(1).double().mean() < 3
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
+        assert torch.equal(c.sets(want[1], 0.5), pred.sets(want[1], 0.5))
+    finally: learn.reset_calibration(); vars(learn).pop('conformal', None)
+
+
+def test_class_axis_map_roundtrips_and_odd_ones_are_refused(trained, imgs, tmp_path):
+    "`ClassAxis` (a per-pixel map's wrapper) has a stored form: its inner map and axis; one `calibrate` never makes is refused by name"
+    from fastai_regularize.calibration import ClassAxis
+    learn = trained
+    g = torch.Generator().manual_seed(0)
+    try:
+        learn.default_act = ClassAxis(VectorScaling(1 + torch.rand(3, generator=g), torch.randn(3, generator=g)), 1)
+        export_safe(learn, tmp_path/'m.safetensors')
+        new = load_safe(tmp_path/'m.safetensors')
+        assert type(new.default_act) is ClassAxis and new.default_act.axis == 1 and type(new.default_act.scaler) is VectorScaling
+        assert torch.equal(new.default_act.scaler.weight, learn.default_act.scaler.weight)
+        files = sorted(get_image_files(imgs))[::5]
+        _assert_same(_preds(new, files), _preds(learn, files))
+        learn.default_act = ClassAxis(BaseSoftmax(2.), 1)
+        with pytest.raises(ValueError, match='a ClassAxis around BaseSoftmax is not one `calibrate` makes'): check_safe(learn)
+    finally: learn.reset_calibration()
 
 
 # ---------------------------------------------------------------- corrupt and wrong bundles
@@ -267,7 +332,9 @@ def test_loading_never_unpickles(bundle, monkeypatch):
     assert type(learn.default_act) is BaseSoftmax
 
 def _newer_extra(h): h['extras']['default_act']['version'] = 2
-def _unknown_extra(h): h['extras']['conformal'] = {'version': 1, 'state': {}}
+def _unknown_extra(h): h['extras']['frobnicate'] = {'version': 1, 'state': {}}
+def _bad_conformal(h): h['extras']['conformal'] = {'version': 1, 'state': {}}
+def _bad_tta_params(h): h['extras']['tta_params'] = {'version': 1, 'state': {'n': 0, 'beta': 0.25}}
 def _planted(h): h['data']['batch_tfms'][0] = {'object': {'type': 'os.system', 'state': {}}}
 
 @pytest.mark.parametrize('case,msg', [
@@ -281,7 +348,9 @@ def _planted(h): h['data']['batch_tfms'][0] = {'object': {'type': 'os.system', '
     ('arch', 'its weights do not fit resnet34 with 3 outputs'),
     ('unknown_arch', "unknown architecture 'os.system'"),
     ('newer_extra', 'learn.default_act is in layout 2, newer'),
-    ('unknown_extra', 'holds learn.conformal, which this version'),
+    ('unknown_extra', 'holds learn.frobnicate, which this version'),
+    ('bad_conformal', "learn.conformal: conformal: tensor(s) ['scores', 'targs'] missing"),
+    ('bad_tta_params', "learn.tta_params: tta_params: 'n' must be an int >= 1, got 0"),
     ('planted_class', "'os.system' is not a class this process can rebuild"),
     ('stray_tensor', 'tensor(s) no section claims'),
 ])
@@ -291,7 +360,8 @@ def test_corrupt_or_wrong_bundle(bundle, tmp_path, case, msg):
     edits = {'newer_format': lambda h: h.update(format_version=2),
              'n_out': lambda h: (h['model'].update(n_out=5), h['data'].update(vocab=['a', 'b', 'c', 'd', 'e'])),
              'arch': lambda h: h['model'].update(arch='resnet34'), 'unknown_arch': lambda h: h['model'].update(arch='os.system'),
-             'newer_extra': _newer_extra, 'unknown_extra': _unknown_extra, 'planted_class': _planted}
+             'newer_extra': _newer_extra, 'unknown_extra': _unknown_extra, 'planted_class': _planted,
+             'bad_conformal': _bad_conformal, 'bad_tta_params': _bad_tta_params}
     if case == 'truncated': fn.write_bytes(raw[:len(raw)//2])
     elif case == 'text': fn.write_text('this is not a model\n')
     elif case == 'pickle': fn.write_bytes(pickle.dumps({'weights': [1, 2]}))
@@ -326,11 +396,15 @@ def _put(node, path, value):
 
 @pytest.fixture(scope='module')
 def small_bundle(imgs):
-    "(header, tensors) of a small timm learner with aug_transforms, a calibration and a weighted loss: much for a fuzzer to break"
+    "(header, tensors) of a small timm learner with aug_transforms, both calibrations, a conformal predictor and a weighted loss: much for a fuzzer to break"
     dls = ImageDataLoaders.from_folder(imgs, valid_pct=0.25, seed=0, bs=4, num_workers=0, item_tfms=Resize(16),
                                        batch_tfms=aug_transforms(size=16, min_scale=0.75))
     learn = vision_learner(dls, 'resnet10t', pretrained=False, loss_func=LabelSmoothingCrossEntropyFlat(weight=torch.ones(3)))
     learn.default_act = VectorScaling(torch.ones(3), torch.zeros(3))
+    learn.tta_act,learn.tta_params = BaseSoftmax(2.),{'n': 2, 'beta': 0.25}
+    from fastai_regularize.conformal import ConformalPredictor
+    p = torch.softmax(torch.randn(30, 3, generator=torch.Generator().manual_seed(0)), 1)
+    learn.conformal = ConformalPredictor.fit(p, torch.arange(30) % 3, score='raps', tta={'n': 2}, class_conditional=True, alpha=0.3)
     return frs._checked_state(learn)
 
 _junk = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.floats(-5, 5, allow_subnormal=False), st.text(max_size=4),
