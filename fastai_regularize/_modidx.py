@@ -414,6 +414,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                           'fastai_regularize.losses._ce_spec': ('losses.html#_ce_spec', 'fastai_regularize/losses.py'),
                                           'fastai_regularize.losses._check_targets': ( 'losses.html#_check_targets',
                                                                                        'fastai_regularize/losses.py'),
+                                          'fastai_regularize.losses._check_weighting': ( 'losses.html#_check_weighting',
+                                                                                         'fastai_regularize/losses.py'),
                                           'fastai_regularize.losses._flat_targets': ( 'losses.html#_flat_targets',
                                                                                       'fastai_regularize/losses.py'),
                                           'fastai_regularize.losses._flatten_ce': ( 'losses.html#_flatten_ce',
