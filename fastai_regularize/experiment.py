@@ -24,6 +24,7 @@ import fastai.callback.progress  # noqa: F401 (`Learner.no_bar`)
 from .core import check_int, check_number
 from .activations import no_activation
 from .losses import LabelSmoothingCrossEntropyFlat
+from .calibration_losses import AdaptiveFocalLoss, ConfidencePenalty
 from .mixup import MixUp, CutMix, RegMixUp
 from .manifold import ManifoldMixUp
 from .calibration import expected_calibration_error  # noqa: F401 (patches `Learner.calibrate`)
@@ -83,6 +84,9 @@ register_config('mixup-off', cbs=partial(MixUp, off_pct=0.25))
 register_config('mixup-dominant', cbs=partial(MixUp, label='dominant'))
 register_config('manifold', cbs=ManifoldMixUp)
 register_config('regmixup', cbs=RegMixUp)
+register_config('ls-target', partial(LabelSmoothingCrossEntropyFlat, class_weighting='target'))
+register_config('focal', AdaptiveFocalLoss)
+register_config('conf-penalty', ConfidencePenalty)
 
 def get_configs(names:str|list, # Registered names, as a list or comma-separated
                )->list:
