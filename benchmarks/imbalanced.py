@@ -19,7 +19,7 @@ quality.py): seed s gives every configuration the same data order and initial we
 to OUT/runs.csv and its test logits saved to OUT/preds/{config}__s{seed}.pt, the same command resumes, and
 OUT/summary.* hold the runner's tables. This script then reads the saved logits and adds, per run, the balanced error,
 the error on the three rarest classes (7-9) and on the three commonest (0-2), the share of test images predicted as the
-rarest class, and the classwise ECE; every calibrated number is out of sample (temperature cross-fitted on the test set,
+rarest class, and the classwise ECE (and each class's recall and share of the predictions); every calibrated number is out of sample (temperature cross-fitted on the test set,
 2 folds, the runner's folds): OUT/imbalanced-runs.csv (one row per run), OUT/imbalanced.csv (mean, std, paired
 differences with 95% t-intervals) and OUT/imbalanced.md (the tables).
 
@@ -129,11 +129,13 @@ def run_metrics(logits: torch.Tensor, targs: torch.Tensor, seed: int, n_folds: i
     p = torch.softmax(z, 1)
     pc = cross_fit_scaler(z, y, 'temperature', n_folds=n_folds, seed=seed)[0]   # the runner's folds (Learner.calibrate)
     nll = lambda q: -q.gather(1, y[:, None]).clamp(min=1e-300).log().mean().item()
+    share = torch.bincount(pred, minlength=C).double() / len(y)
     return dict(error_rate=(pred != y).double().mean().item(), balanced_error=1 - recall.mean().item(),
                 tail_error=1 - recall[C - 3:].mean().item(), head_error=1 - recall[:3].mean().item(),
-                rarest_share=(pred == C - 1).double().mean().item(), nll=nll(p), ece=calibration_error(p, y),
+                rarest_share=share[C - 1].item(), nll=nll(p), ece=calibration_error(p, y),
                 cw_ece=calibration_error(p, y, classwise=True), nll_calibrated=nll(pc), ece_calibrated=calibration_error(pc, y),
-                cw_ece_calibrated=calibration_error(pc, y, classwise=True))
+                cw_ece_calibrated=calibration_error(pc, y, classwise=True),
+                **{f'recall_{k}': recall[k].item() for k in range(C)}, **{f'predicted_{k}': share[k].item() for k in range(C)})
 
 
 def _cell(v: float, f: str, sign: bool = False) -> str:
