@@ -6,11 +6,12 @@
 __all__ = []
 
 # %% ../nbs/07_all.ipynb #f51c7c87
-from . import core, activations, native, losses, mixup, manifold, calibration_metrics, calibration, conformal, data, experiment, distributed, safe
+from . import core, activations, native, losses, calibration_losses, mixup, manifold, calibration_metrics, calibration, conformal, data, experiment, distributed, safe
 from .core import *
 from .activations import *
 from .native import *
 from .losses import *
+from .calibration_losses import *
 from .mixup import *
 from .manifold import *
 from .calibration_metrics import *
@@ -22,4 +23,4 @@ from .distributed import *
 from .safe import *
 
 # %% ../nbs/07_all.ipynb #8d436a28
-__all__ = [n for m in (core, activations, native, losses, mixup, manifold, calibration_metrics, calibration, conformal, data, experiment, distributed, safe) for n in m.__all__]
+__all__ = [n for m in (core, activations, native, losses, calibration_losses, mixup, manifold, calibration_metrics, calibration, conformal, data, experiment, distributed, safe) for n in m.__all__]

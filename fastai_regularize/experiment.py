@@ -25,6 +25,7 @@ from .core import check_int, check_number
 from .activations import no_activation, tta_logits, combine_tta
 from .native import use_native
 from .losses import LabelSmoothingCrossEntropyFlat
+from .calibration_losses import AdaptiveFocalLoss, ConfidencePenalty
 from .mixup import MixUp, CutMix, RegMixUp
 from .manifold import ManifoldMixUp
 from .calibration import _calibrate_tta  # (and patches `Learner.calibrate`)
@@ -84,6 +85,9 @@ register_config('mixup-off', cbs=partial(MixUp, off_pct=0.25))
 register_config('mixup-dominant', cbs=partial(MixUp, label='dominant'))
 register_config('manifold', cbs=ManifoldMixUp)
 register_config('regmixup', cbs=RegMixUp)
+register_config('ls-target', partial(LabelSmoothingCrossEntropyFlat, class_weighting='target'))
+register_config('focal', AdaptiveFocalLoss)
+register_config('conf-penalty', ConfidencePenalty)
 
 def get_configs(names:str|list, # Registered names, as a list or comma-separated
                )->list:

@@ -24,20 +24,24 @@ __all__ = ['label_smoothing_cross_entropy', 'LabelSmoothingCrossEntropy', 'Label
 class _SmoothCE(torch.autograd.Function):
     "Per-row sum over k of coefs[k] * label-smoothed CE(z, ys[k]) in one pass; backward recomputes softmax in place"
     @staticmethod
-    def forward(ctx, z:Tensor, ys:Tensor, coefs:Tensor|None, weight:Tensor|None, eps:float, ignore_index:int):
+    def forward(ctx, z:Tensor, ys:Tensor, coefs:Tensor|None, weight:Tensor|None, eps:float, ignore_index:int,
+                target_weighting:bool=False):
         C = z.shape[1]
         logp = torch.log_softmax(z, 1)                     # the only MxC tensor of the forward pass, freed on return
         valid = ys != ignore_index
         rows = valid.any(0)                                # rows with a target to score
         ys0 = torch.where(valid, ys, 0)
         a = valid.to(z.dtype) if coefs is None else coefs * valid
-        s = a.sum(0)                                       # weight of the smoothing term per row
+        tw = bool(target_weighting) and weight is not None
+        s = None if tw else a.sum(0)                       # weight of the smoothing term per row
         if weight is not None: a = a * weight[ys0]
+        if tw: s = a.sum(0)                                # 'target': a target's class weight scales its smoothing too
+        ws = None if tw else weight                        # class weights inside the smoothing term
         a = a * (1 - eps)
         loss = -(a * logp.gather(1, ys0.t()).t().masked_fill(~valid, 0)).sum(0)
-        if eps: loss = loss - (eps / C) * s * (logp.sum(1) if weight is None else logp @ weight).masked_fill(~rows, 0)
+        if eps: loss = loss - (eps / C) * s * (logp.sum(1) if ws is None else logp @ ws).masked_fill(~rows, 0)
         ctx.save_for_backward(z, ys, coefs, weight, ys0, a, s, rows)
-        ctx.eps,ctx.ignore_index = eps,ignore_index
+        ctx.eps,ctx.ignore_index,ctx.tw = eps,ignore_index,tw
         return loss
 
     @staticmethod
@@ -45,18 +49,19 @@ class _SmoothCE(torch.autograd.Function):
         z, ys, coefs, weight, ys0, a, s, rows = ctx.saved_tensors
         eps, C = ctx.eps, z.shape[1]
         if torch.is_grad_enabled():                        # create_graph=True: a gradient autograd can differentiate
-            return _ce_grad(z, ys, coefs, weight, eps, ctx.ignore_index, g), None, None, None, None, None
+            return _ce_grad(z, ys, coefs, weight, eps, ctx.ignore_index, g, ctx.tw), None, None, None, None, None, None
         g = g.masked_fill(~rows, 0)                        # an ignored row's loss is constant, even under g = inf (mean over 0)
         # d/dz_c = p_c (sum_k a_k + s eps W / C) - sum_k a_k [c = y_k] - s eps w_c / C, times the incoming g
-        W = C if weight is None else weight.sum()
+        ws = None if ctx.tw else weight                    # class weights inside the smoothing term
+        W = C if ws is None else ws.sum()
         grad = torch.softmax(z, 1)                         # becomes the gradient: the one MxC allocation
         grad.mul_(((a.sum(0) + s * (eps * W / C)) * g)[:, None])
         if eps:
             sg = s * g * (eps / C)
-            if weight is None: grad.sub_(sg[:, None])
-            else: grad.addr_(sg, weight, alpha=-1)
+            if ws is None: grad.sub_(sg[:, None])
+            else: grad.addr_(sg, ws, alpha=-1)
         grad.scatter_add_(1, ys0.t(), -(a * g).t())
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 # %% ../nbs/02_losses.ipynb #27ed23d1
 class _SmoothCEReduced(torch.autograd.Function):
@@ -141,6 +146,14 @@ def _flatten_ce(input:Tensor, target:Tensor, dim:int=1)->tuple:
     y = target.movedim(dim, -1).reshape(-1, C) if target.is_floating_point() else target.reshape(-1).long()
     return z, y, (torch.Size() if unbatched else exp_shape)
 
+_WEIGHTINGS = ('pytorch', 'target')
+
+def _check_weighting(class_weighting)->str:
+    "Raise `ValueError` unless `class_weighting` is 'pytorch' or 'target'"
+    if not isinstance(class_weighting, str) or class_weighting not in _WEIGHTINGS:
+        raise ValueError(f"`class_weighting` must be one of {_WEIGHTINGS}, got {class_weighting!r}")
+    return class_weighting
+
 def _weight(weight:Tensor|None, z:Tensor)->Tensor|None:
     if weight is None: return None
     if not isinstance(weight, Tensor) or weight.shape != (z.shape[1],):
@@ -156,10 +169,12 @@ def label_smoothing_cross_entropy(
     weight:Tensor|None=None, # Weight of each class, shape (C,)
     reduction:str='mean', # 'mean', 'sum' or 'none'
     ignore_index:int=-100, # Target value that contributes no loss
+    class_weighting:str='pytorch', # 'pytorch': `F.cross_entropy`'s weighting; 'target': each item's smoothed loss times its target's weight
 )->Tensor:
     "`F.cross_entropy(input, target, label_smoothing=eps, ...)` computed in one pass over the logits"
     eps = check_number('eps', eps, 0, 1)
     check_reduction(reduction)
+    cw = _check_weighting(class_weighting)
     z, y, shape = _flatten_ce(input, target)
     w = _weight(weight, z)
     if y.is_floating_point():                              # probability targets: PyTorch's formula, plain autograd
@@ -168,14 +183,19 @@ def label_smoothing_cross_entropy(
                              f"nothing can be ignored there), got {ignore_index}")
         q = y.to(z.dtype) * (1 - eps) + eps / z.shape[1]
         logp = F.log_softmax(z, 1)
+        if w is not None and cw == 'target':               # each item weighs sum_c t_c w_c; the mean is over that weight
+            u = y.to(z.dtype) @ w
+            loss = -u * (logp * q).sum(1)
+            return loss.sum() / u.sum() if reduction == 'mean' else reduce_loss(loss.view(shape), reduction)
         loss = -((logp * q) if w is None else (logp * q * w)).sum(1)
         return reduce_loss(loss.view(shape), reduction)
-    out = smooth_ce(z, y[None], None, eps, ignore_index, reduction, weight=w)   # the CPU kernel of `native`, if it applies
+    # the CPU kernel of `native`, if it applies
+    out = smooth_ce(z, y[None], None, eps, ignore_index, reduction, weight=w, class_weighting=cw)
     if out is not None: return out.view(shape) if reduction == 'none' else out
     all_valid = _check_targets(y, z.shape[1], ignore_index)
     if all_valid and w is None and reduction != 'none' and len(y):
         return _SmoothCEReduced.apply(z, y, eps, 1 / len(y) if reduction == 'mean' else 1.)
-    loss = _SmoothCE.apply(z, y[None], None, w, eps, ignore_index)
+    loss = _SmoothCE.apply(z, y[None], None, w, eps, ignore_index, cw == 'target')
     if reduction == 'none': return loss.view(shape)
     if reduction == 'sum': return loss.sum()
     valid = y != ignore_index
@@ -193,26 +213,30 @@ class LabelSmoothingCrossEntropy(nn.Module):
         weight:Tensor|None=None, # Weight of each class, shape (C,)
         reduction:str='mean', # 'mean', 'sum' or 'none'
         ignore_index:int=-100, # Target value that contributes no loss
+        class_weighting:str='pytorch', # 'pytorch': `F.cross_entropy`'s weighting; 'target': each item's smoothed loss times its target's weight
     ):
         super().__init__()
         self.eps,self.reduction = check_number('eps', eps, 0, 1),check_reduction(reduction)
-        self.weight,self.ignore_index = weight,ignore_index
+        self.weight,self.ignore_index,self.class_weighting = weight,ignore_index,_check_weighting(class_weighting)
 
     def forward(self, output:Tensor, target:Tensor)->Tensor:
-        return label_smoothing_cross_entropy(output, target, self.eps, self.weight, self.reduction, self.ignore_index)
+        return label_smoothing_cross_entropy(output, target, self.eps, self.weight, self.reduction, self.ignore_index,
+                                             self.class_weighting)
     def activation(self, out:Tensor)->Tensor:
         "Softmax over the class dimension"
         return F.softmax(out, dim=-1)
     def decodes(self, out:Tensor)->Tensor:
         "Most likely class"
         return out.argmax(dim=-1)
-    def extra_repr(self): return f"eps={self.eps}, reduction={self.reduction!r}"
+    def extra_repr(self):
+        return f"eps={self.eps}, reduction={self.reduction!r}" + (f", class_weighting={self.class_weighting!r}"
+                                                                   if self.class_weighting != 'pytorch' else '')
 
 # %% ../nbs/02_losses.ipynb #8807d9a3
 class LabelSmoothingCrossEntropyFlat(BaseLoss):
     "Same as `LabelSmoothingCrossEntropy`, but flattens input and target; classes on `axis`"
     y_int = True
-    @use_kwargs_dict(keep=True, eps=0.1, weight=None, reduction='mean', ignore_index=-100)
+    @use_kwargs_dict(keep=True, eps=0.1, weight=None, reduction='mean', ignore_index=-100, class_weighting='pytorch')
     def __init__(self,
         *args,
         axis:int=-1, # Class axis
@@ -223,7 +247,7 @@ class LabelSmoothingCrossEntropyFlat(BaseLoss):
         "Loss of `inp` against `targ` with classes on `self.axis`; per-element losses are flattened"
         f = self.func
         z, y, _ = _flatten_ce(inp, _flat_targets(inp, targ, self.axis), self.axis)
-        return label_smoothing_cross_entropy(z, y, f.eps, f.weight, f.reduction, f.ignore_index)
+        return label_smoothing_cross_entropy(z, y, f.eps, f.weight, f.reduction, f.ignore_index, f.class_weighting)
     def activation(self, x:Tensor)->Tensor:
         "Softmax over `axis`"
         return F.softmax(x, dim=self.axis)
@@ -232,43 +256,55 @@ class LabelSmoothingCrossEntropyFlat(BaseLoss):
         return x.argmax(dim=self.axis)
 
 # %% ../nbs/02_losses.ipynb #a8e41f3d
+_SMOOTHINGS = ('per-label', 'mass')
+
 class LabelSmoothingBCEWithLogitsLossFlat(BCEWithLogitsLossFlat):
-    "`BCEWithLogitsLossFlat` against targets smoothed to `t*(1-eps) + eps/2`"
+    "`BCEWithLogitsLossFlat` against smoothed targets: `t*(1-eps) + eps/2` ('per-label') or `t*(1-eps) + eps*mean(t)` ('mass')"
     y_int = False
     def __init__(self,
         *args,
-        eps:float=0.1, # Each target moves `eps/2` towards 1/2, in [0, 1]
+        eps:float=0.1, # Weight of the smoothing, in [0, 1]
         axis:int=-1, # Class axis
         thresh:float=0.5, # Threshold of `decodes`
+        smoothing:str='per-label', # 'per-label': each label towards 1/2; 'mass': towards the item's mean label, keeping its expected number of positives
         **kwargs
     ):
         self.eps = check_number('eps', eps, 0, 1)
+        if not isinstance(smoothing, str) or smoothing not in _SMOOTHINGS:
+            raise ValueError(f"`smoothing` must be one of {_SMOOTHINGS}, got {smoothing!r}")
+        self.smoothing = smoothing
         super().__init__(*args, axis=axis, thresh=thresh, **kwargs)
 
     def __call__(self, inp:Tensor, targ:Tensor, **kwargs)->Tensor:
         if not isinstance(targ, Tensor) or targ.shape != inp.shape:
             raise ValueError(f"`targ` must be multi-hot targets shaped like the logits {tuple(inp.shape)}, got "
                              f"{tuple(targ.shape) if isinstance(targ, Tensor) else type(targ).__name__}")
-        return super().__call__(inp, targ.float() * (1 - self.eps) + self.eps / 2, **kwargs)
+        t = targ.float()
+        # 'mass': each label moves towards the item's mean label sum_j t_j / K, so sum_k t'_k = sum_k t_k
+        s = t.mean(self.axis, keepdim=True) if self.smoothing == 'mass' else 0.5
+        return super().__call__(inp, t * (1 - self.eps) + self.eps * s, **kwargs)
 
 # %% ../nbs/02_losses.ipynb #1f415abc
 _CE_KW = {'weight', 'ignore_index', 'reduction', 'label_smoothing', 'eps'}
 
 def _ce_spec(lf)->dict|None:
-    "How `lf` computes cross-entropy (class dim, eps, weight, ignore_index, reduction), or None if it is another loss"
+    "How `lf` computes cross-entropy (class dim, eps, weight, ignore_index, reduction, class_weighting), or None if it is another loss"
     if isinstance(lf, BaseLoss):
         if not lf.flatten or type(lf).__call__ not in (BaseLoss.__call__, LabelSmoothingCrossEntropyFlat.__call__): return None
         spec = _ce_spec(lf.func)
         return None if spec is None else {**spec, 'dim': lf.axis, 'flatten': True}
     if type(lf) is LabelSmoothingCrossEntropy:
-        return dict(dim=1, eps=lf.eps, weight=lf.weight, ignore_index=lf.ignore_index, reduction=lf.reduction)
+        return dict(dim=1, eps=lf.eps, weight=lf.weight, ignore_index=lf.ignore_index, reduction=lf.reduction,
+                    class_weighting=lf.class_weighting)
     if type(lf) is nn.CrossEntropyLoss:
-        return dict(dim=1, eps=lf.label_smoothing, weight=lf.weight, ignore_index=lf.ignore_index, reduction=lf.reduction)
+        return dict(dim=1, eps=lf.label_smoothing, weight=lf.weight, ignore_index=lf.ignore_index, reduction=lf.reduction,
+                    class_weighting='pytorch')
     f,kw = (lf.func,lf.keywords) if isinstance(lf, partial) and not lf.args else (lf,{})
-    if f not in (F.cross_entropy, label_smoothing_cross_entropy) or not set(kw) <= _CE_KW: return None
+    ok = _CE_KW if f is F.cross_entropy else _CE_KW | {'class_weighting'}
+    if f not in (F.cross_entropy, label_smoothing_cross_entropy) or not set(kw) <= ok: return None
     eps = kw.get('label_smoothing', 0.) if f is F.cross_entropy else kw.get('eps', 0.1)
     return dict(dim=1, eps=eps, weight=kw.get('weight'), ignore_index=kw.get('ignore_index', -100),
-                reduction=kw.get('reduction', 'mean'))
+                reduction=kw.get('reduction', 'mean'), class_weighting=_check_weighting(kw.get('class_weighting', 'pytorch')))
 
 def _per_item(loss:Tensor, n:int)->Tensor:
     "Per-item (or per-element) losses as (n, k) rows, one per item"
@@ -298,13 +334,14 @@ def mixed_loss(loss_func, # The user's loss: called as `loss_func(pred, *yb)`
         y1,y2 = y1.to(z.device),_plain(t2).reshape(-1).long().to(z.device)
         k = z.shape[0] // n if n else math.prod(shape[1:])   # elements per item (pixels for segmentation)
         lam_e = lam.to(z.device, z.dtype)[:, None].expand(n, k).reshape(-1)
-        ys,coefs,red = torch.stack([y1, y2]),torch.stack([lam_e, 1 - lam_e]),spec['reduction']
+        ys,coefs,red,cw = torch.stack([y1, y2]),torch.stack([lam_e, 1 - lam_e]),spec['reduction'],spec['class_weighting']
         w = _weight(spec['weight'], z)
         # the CPU kernel of `native`, if it applies
-        loss = smooth_ce(z, ys, coefs, float(spec['eps']), spec['ignore_index'], red, mean_over_valid=False, weight=w)
+        loss = smooth_ce(z, ys, coefs, float(spec['eps']), spec['ignore_index'], red, mean_over_valid=False, weight=w,
+                         class_weighting=cw)
         if loss is None:                                   # the PyTorch-op kernel: per-row losses, reduced here
             for y in (y1, y2): _check_targets(y, z.shape[1], spec['ignore_index'])
-            loss = _SmoothCE.apply(z, ys, coefs, w, float(spec['eps']), spec['ignore_index'])
+            loss = _SmoothCE.apply(z, ys, coefs, w, float(spec['eps']), spec['ignore_index'], cw == 'target')
             if red != 'none': loss = reduce_loss(loss, red)
         return loss.view(n, k).squeeze(1) if red == 'none' else loss
     red = loss_reduction(loss_func)

@@ -16,7 +16,7 @@ from torch import Tensor
 __all__ = ['native_info', 'use_native', 'smooth_ce']
 
 # %% ../nbs/01a_native.ipynb #cf186b56
-_VERSION = 5   # must equal fr_version() of the C file: a library of another version is never used
+_VERSION = 6   # must equal fr_version() of the C file: a library of another version is never used
 
 def _csrc()->Path:
     "The package's directory of C sources, `fastai_regularize/csrc`"
@@ -122,9 +122,9 @@ def _declare(lib):
     lib.fr_version.restype = ctypes.c_int
     lib.fr_check_targets.argtypes = [P, I, I, I, ctypes.c_int, P, ctypes.POINTER(I), ctypes.POINTER(D)]
     lib.fr_check_targets.restype = I
-    lib.fr_sce_forward.argtypes = [ctypes.c_int, P, I, I, P, I, P, P, D, I, P, P, P, ctypes.POINTER(D), ctypes.c_int]
+    lib.fr_sce_forward.argtypes = [ctypes.c_int, P, I, I, P, I, P, P, ctypes.c_int, D, I, P, P, P, ctypes.POINTER(D), ctypes.c_int]
     lib.fr_sce_forward.restype = I
-    lib.fr_sce_backward.argtypes = [ctypes.c_int, P, P, I, I, P, I, P, P, D, I, P, P, P, I, D, ctypes.c_int]
+    lib.fr_sce_backward.argtypes = [ctypes.c_int, P, P, I, I, P, I, P, P, ctypes.c_int, D, I, P, P, P, I, D, ctypes.c_int]
     lib.fr_sce_backward.restype = None
     return lib
 
@@ -180,6 +180,13 @@ def _selftest(lib)->str|None:
             go, = torch.autograd.grad(out, z)
             if not (abs(out.item() - ref.item()) <= tol * 10 and (go - gr).abs().max().item() <= tol):
                 return f'self-test failed for {dt}: loss {out.item()} vs {ref.item()}'
+            if weighted:                                   # class_weighting='target': w[y] times the unweighted smoothed CE
+                ref = (w[y] * torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1, reduction='none')).sum() / n
+                gr, = torch.autograd.grad(ref, z)
+                out = _SmoothCENative.apply(z, y[None].contiguous(), None, w, 0.1, -100, 'mean', n, lib, True)
+                go, = torch.autograd.grad(out, z)
+                if not (abs(out.item() - ref.item()) <= tol * 10 and (go - gr).abs().max().item() <= tol):
+                    return f"self-test failed for {dt}, class_weighting='target': loss {out.item()} vs {ref.item()}"
     return None
 
 def _native_lib():
@@ -217,32 +224,34 @@ class _Fallback(Exception): "A row held a non-finite logit: the caller recompute
 
 def _p(t:Tensor|None)->int|None: return None if t is None else t.data_ptr()
 
-def _ce_grad(z:Tensor, ys:Tensor, coefs:Tensor|None, weight:Tensor|None, eps:float, ignore_index:int, g:Tensor)->Tensor:
+def _ce_grad(z:Tensor, ys:Tensor, coefs:Tensor|None, weight:Tensor|None, eps:float, ignore_index:int, g:Tensor,
+             target_weighting:bool=False)->Tensor:
     "d/dz of sum_i g_i sum_k coefs[k, i] CE(z_i, ys[k, i]) from differentiable PyTorch ops, for a gradient that needs a graph"
     C = z.shape[1]
     valid = ys != ignore_index
     y0 = torch.where(valid, ys, 0)
     a = valid.to(z.dtype) if coefs is None else torch.where(valid, coefs, 0)
-    S = a.sum(0)                                                   # weight of the smoothing term per row
     aw = a if weight is None else a * weight[y0]
-    W = C if weight is None else weight.sum()
+    S = (aw if target_weighting else a).sum(0)                     # weight of the smoothing term per row
+    ws = None if target_weighting else weight                      # class weights inside the smoothing term
+    W = C if ws is None else ws.sum()
     g = torch.where(valid.any(0), g, 0)                            # a row whose targets are all ignored has loss 0
-    q = torch.zeros_like(z).scatter_add(1, y0.t(), aw.t()) * (1 - eps) + (S * eps / C)[:, None] * (1 if weight is None else weight)
+    q = torch.zeros_like(z).scatter_add(1, y0.t(), aw.t()) * (1 - eps) + (S * eps / C)[:, None] * (1 if ws is None else ws)
     return g[:, None] * (torch.softmax(z, 1) * ((1 - eps) * aw.sum(0) + S * eps * W / C)[:, None] - q)
 
 class _SmoothCENative(torch.autograd.Function):
     "Label-smoothed CE of `z` (M, C) against K targets `ys` (K, M) weighted by `coefs` (K, M) or 1, class `weight` or 1, reduced"
     @staticmethod
     def forward(ctx, z:Tensor, ys:Tensor, coefs:Tensor|None, weight:Tensor|None, eps:float, ignore_index:int,
-                reduction:str, n:float, lib):
+                reduction:str, n:float, lib, target_weighting:bool=False):
         M, C = z.shape
         mx, ls, loss, total = z.new_empty(M), z.new_empty(M), z.new_empty(M), ctypes.c_double()
-        dbl = int(z.dtype == torch.float64)
-        if lib.fr_sce_forward(dbl, _p(z), M, C, _p(ys), ys.shape[0], _p(coefs), _p(weight), eps, ignore_index,
+        dbl, tw = int(z.dtype == torch.float64), int(bool(target_weighting) and weight is not None)
+        if lib.fr_sce_forward(dbl, _p(z), M, C, _p(ys), ys.shape[0], _p(coefs), _p(weight), tw, eps, ignore_index,
                               _p(mx), _p(ls), _p(loss), ctypes.byref(total), torch.get_num_threads()):
             raise _Fallback()
         ctx.save_for_backward(z, ys, coefs, weight, mx, ls)
-        ctx.eps, ctx.ignore_index, ctx.lib = eps, ignore_index, lib
+        ctx.eps, ctx.ignore_index, ctx.lib, ctx.tw = eps, ignore_index, lib, tw
         # 'mean' over no target (all ignored): PyTorch's 0/0 = NaN, and a zero gradient (every row's loss is constant)
         ctx.scale = 1. if reduction != 'mean' else 1 / n if n else 0.
         if reduction == 'none': return loss
@@ -255,13 +264,13 @@ class _SmoothCENative(torch.autograd.Function):
         g = g.to(z.dtype)
         if torch.is_grad_enabled():                                # create_graph=True: a gradient autograd can differentiate
             rows = g if g.ndim else g * ctx.scale
-            grad = _ce_grad(z, ys, coefs, weight, ctx.eps, ctx.ignore_index, rows.expand(M))
-            return grad, None, None, None, None, None, None, None, None
+            grad = _ce_grad(z, ys, coefs, weight, ctx.eps, ctx.ignore_index, rows.expand(M), bool(ctx.tw))
+            return grad, None, None, None, None, None, None, None, None, None
         grad = torch.empty_like(z)
         ctx.lib.fr_sce_backward(int(z.dtype == torch.float64), _p(z), _p(grad), M, C, _p(ys), ys.shape[0], _p(coefs),
-                                _p(weight), ctx.eps, ctx.ignore_index, _p(mx), _p(ls), _p(g), g.stride(0) if g.ndim else 0, ctx.scale,
-                                torch.get_num_threads())
-        return grad, None, None, None, None, None, None, None, None
+                                _p(weight), ctx.tw, ctx.eps, ctx.ignore_index, _p(mx), _p(ls), _p(g), g.stride(0) if g.ndim else 0,
+                                ctx.scale, torch.get_num_threads())
+        return grad, None, None, None, None, None, None, None, None, None
 
 # %% ../nbs/01a_native.ipynb #e79151ad
 def smooth_ce(z:Tensor, # Logits (M, C)
@@ -272,6 +281,7 @@ def smooth_ce(z:Tensor, # Logits (M, C)
               reduction:str, # 'mean', 'sum' or 'none'
               mean_over_valid:bool=True, # 'mean' divides by the non-ignored targets' weight, as PyTorch (else by M)
               weight:Tensor|None=None, # Class weights (C,), as `F.cross_entropy`'s
+              class_weighting:str='pytorch', # 'pytorch': PyTorch's formula; 'target': each target's smoothed loss times its class weight
              )->Tensor|None:
     "`sum_k coefs[k] * F.cross_entropy(z, ys[k], weight, label_smoothing=eps)` reduced, by the native kernel; None if it does not apply"
     if z.device.type != 'cpu' or z.dtype not in (torch.float32, torch.float64) or z.ndim != 2 or not z.numel(): return None
@@ -292,5 +302,6 @@ def smooth_ce(z:Tensor, # Logits (M, C)
     n = w_valid.value if mean_over_valid else z.shape[0]
     # valid targets whose class weights sum to 0: PyTorch's NaN gradient is left to its path
     if reduction == 'mean' and n == 0 and n_valid.value: return None
-    try: return _SmoothCENative.apply(z, ys, coefs, weight, float(eps), int(ignore_index), reduction, n, lib)
+    tw = class_weighting == 'target'
+    try: return _SmoothCENative.apply(z, ys, coefs, weight, float(eps), int(ignore_index), reduction, n, lib, tw)
     except _Fallback: return None

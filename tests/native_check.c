@@ -10,9 +10,10 @@ int fr_version(void);
 int64_t fr_check_targets(const int64_t *y, int64_t n, int64_t C, int64_t ignore, int dbl, const void *w,
                          int64_t *n_valid, double *w_valid);
 int64_t fr_sce_forward(int dbl, const void *z, int64_t N, int64_t C, const int64_t *y, int64_t K, const void *a,
-                       const void *w, double eps, int64_t ignore, void *mx, void *ls, void *loss, double *total, int nthreads);
+                       const void *w, int tw, double eps, int64_t ignore, void *mx, void *ls, void *loss, double *total,
+                       int nthreads);
 void fr_sce_backward(int dbl, const void *z, void *grad, int64_t N, int64_t C, const int64_t *y, int64_t K,
-                     const void *a, const void *w, double eps, int64_t ignore, const void *mx, const void *ls,
+                     const void *a, const void *w, int tw, double eps, int64_t ignore, const void *mx, const void *ls,
                      const void *g, int64_t gs, double scale, int nthreads);
 
 static uint64_t state = 42;
@@ -25,8 +26,10 @@ static void *alloc(size_t n, size_t size) {
 }
 
 /* One case: logits N x C of the given precision, K targets per row (every 5th ignored), optional class weights and
-   target weights, checked value by value (loss rows, total, gradient) against the reference. Returns the failures. */
-static int check(int dbl, int64_t N, int64_t C, int64_t K, int weighted, int mixed, double eps, int nthreads) {
+   target weights, PyTorch's class weighting or target weighting (`tw`: each target's smoothed loss times its class
+   weight, smoothed uniformly), checked value by value (loss rows, total, gradient) against the reference. Returns
+   the failures. */
+static int check(int dbl, int64_t N, int64_t C, int64_t K, int weighted, int mixed, int tw, double eps, int nthreads) {
     const int64_t ignore = C > 2 ? 1 : -100;                       /* an ignore_index inside [0, C) when there is room */
     size_t es = dbl ? sizeof(double) : sizeof(float);
     double *x = alloc(N * C, sizeof(double)), *wd = alloc(C, sizeof(double)), *ad = alloc(K * N, sizeof(double));
@@ -50,8 +53,8 @@ static int check(int dbl, int64_t N, int64_t C, int64_t K, int weighted, int mix
     double tol = dbl ? 1e-10 : 2e-5, total = 0, wvalid = 0;
     int64_t nvalid = 0;
     if (fr_check_targets(y, N, C, ignore, dbl, wp, &nvalid, &wvalid) != -1) { fprintf(stderr, "check_targets: a bad index\n"); fails++; }
-    if (fr_sce_forward(dbl, z, N, C, y, K, ap, wp, eps, ignore, mx, ls, loss, &total, nthreads)) { fprintf(stderr, "forward: a bad row\n"); fails++; }
-    fr_sce_backward(dbl, z, grad, N, C, y, K, ap, wp, eps, ignore, mx, ls, g, 1, 0.5, nthreads);
+    if (fr_sce_forward(dbl, z, N, C, y, K, ap, wp, tw, eps, ignore, mx, ls, loss, &total, nthreads)) { fprintf(stderr, "forward: a bad row\n"); fails++; }
+    fr_sce_backward(dbl, z, grad, N, C, y, K, ap, wp, tw, eps, ignore, mx, ls, g, 1, 0.5, nthreads);
     double sum = 0;
     for (int64_t i = 0; i < N; i++) {
         const double *xi = x + i * C;
@@ -62,9 +65,11 @@ static int check(int dbl, int64_t N, int64_t C, int64_t K, int weighted, int mix
         for (int64_t k = 0; k < K; k++) {
             int64_t c = y[k * N + i];
             if (c == ignore) continue;
-            double ak = mixed ? ad[k * N + i] : 1, smooth = 0;
-            for (int64_t j = 0; j < C; j++) smooth += (weighted ? wd[j] : 1) * (lse - xi[j]);
-            ref += ak * ((1 - eps) * (weighted ? wd[c] : 1) * (lse - xi[c]) + eps / C * smooth);
+            double ak = mixed ? ad[k * N + i] : 1, wc = weighted ? wd[c] : 1, smooth = 0;
+            for (int64_t j = 0; j < C; j++) smooth += (weighted && !tw ? wd[j] : 1) * (lse - xi[j]);
+            /* PyTorch: (1 - eps) w_c CE_c + eps / C sum_j w_j CE_j; target weighting: w_c ((1 - eps) CE_c + eps / C sum_j CE_j) */
+            ref += ak * (tw ? wc * ((1 - eps) * (lse - xi[c]) + eps / C * smooth)
+                            : (1 - eps) * wc * (lse - xi[c]) + eps / C * smooth);
             S += ak;
         }
         sum += ref;
@@ -76,7 +81,8 @@ static int check(int dbl, int64_t N, int64_t C, int64_t K, int weighted, int mix
                 int64_t c = y[k * N + i];
                 if (c == ignore) continue;
                 double ak = mixed ? ad[k * N + i] : 1, wc = weighted ? wd[c] : 1, wj = weighted ? wd[j] : 1;
-                d += ak * ((1 - eps) * wc * (p - (j == c)) + eps / C * (W * p - wj));
+                d += tw ? ak * wc * ((1 - eps) * (p - (j == c)) + eps / C * (C * p - 1))
+                        : ak * ((1 - eps) * wc * (p - (j == c)) + eps / C * (W * p - wj));
             }
             d *= gd[i] * 0.5;
             double gg = dbl ? ((double *)grad)[i * C + j] : ((float *)grad)[i * C + j];
@@ -87,10 +93,10 @@ static int check(int dbl, int64_t N, int64_t C, int64_t K, int weighted, int mix
     if (fabs(total - sum) > tol * (1 + fabs(sum))) { fprintf(stderr, "total %.17g, reference %.17g\n", total, sum); fails++; }
     if (N > 1) {                                                   /* a non-finite logit is reported, not computed */
         if (dbl) ((double *)z)[C] = NAN; else ((float *)z)[C] = INFINITY;
-        if (fr_sce_forward(dbl, z, N, C, y, K, ap, wp, eps, ignore, mx, ls, loss, &total, nthreads) != 1) { fprintf(stderr, "non-finite row not reported\n"); fails++; }
+        if (fr_sce_forward(dbl, z, N, C, y, K, ap, wp, tw, eps, ignore, mx, ls, loss, &total, nthreads) != 1) { fprintf(stderr, "non-finite row not reported\n"); fails++; }
     }
-    if (fails) fprintf(stderr, "  in case %s N=%lld C=%lld K=%lld weighted=%d mixed=%d eps=%g threads=%d\n", dbl ? "double" : "float",
-                       (long long)N, (long long)C, (long long)K, weighted, mixed, eps, nthreads);
+    if (fails) fprintf(stderr, "  in case %s N=%lld C=%lld K=%lld weighted=%d mixed=%d tw=%d eps=%g threads=%d\n",
+                       dbl ? "double" : "float", (long long)N, (long long)C, (long long)K, weighted, mixed, tw, eps, nthreads);
     free(x); free(wd); free(ad); free(gd); free(y); free(z); free(w); free(a); free(g); free(mx); free(ls); free(loss); free(grad);
     return fails;
 }
@@ -100,9 +106,9 @@ int main(void) {
     static const int64_t shapes[][2] = {{0, 3}, {1, 1}, {3, 2}, {7, 37}, {64, 1000}, {300, 500}};   /* the last: two threads */
     for (int dbl = 0; dbl < 2; dbl++)
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
-            for (int variant = 0; variant < 4; variant++) {
-                int weighted = variant & 1, mixed = variant >> 1;
-                fails += check(dbl, shapes[s][0], shapes[s][1], mixed ? 2 : 1, weighted, mixed, variant == 0 ? 0.0 : 0.1, 2);
+            for (int variant = 0; variant < 6; variant++) {           /* 4, 5: target weighting, plain and mixed */
+                int weighted = variant & 1 || variant >= 4, mixed = variant == 2 || variant == 3 || variant == 5, tw = variant >= 4;
+                fails += check(dbl, shapes[s][0], shapes[s][1], mixed ? 2 : 1, weighted, mixed, tw, variant == 0 ? 0.0 : 0.1, 2);
                 cases++;
             }
     printf("native_check: fr_version %d, %d cases, %d failures\n", fr_version(), cases, fails);

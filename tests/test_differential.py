@@ -164,10 +164,127 @@ def test_cross_entropy_equals_pytorch(device, api, data):
             assert go.dtype == x.dtype, f"{what}: gradient dtype {go.dtype}"
             assert_same(go, gref, VALUE_TOL[dt] * gscale, GRAD_RTOL[dt], f"{what}: gradient")
 
-def _ours(api, x, t, axis, eps, w, red, ii):
-    if api == 'function': return label_smoothing_cross_entropy(x, t, eps, w, red, ii)
-    if api == 'module': return LabelSmoothingCrossEntropy(eps, w, red, ii)(x, t)
-    return LabelSmoothingCrossEntropyFlat(axis=axis, eps=eps, weight=w, reduction=red, ignore_index=ii)(x, t)
+def _ours(api, x, t, axis, eps, w, red, ii, cw='pytorch'):
+    if api == 'function': return label_smoothing_cross_entropy(x, t, eps, w, red, ii, cw)
+    if api == 'module': return LabelSmoothingCrossEntropy(eps, w, red, ii, cw)(x, t)
+    return LabelSmoothingCrossEntropyFlat(axis=axis, eps=eps, weight=w, reduction=red, ignore_index=ii, class_weighting=cw)(x, t)
+
+# ---------------------------------------------------------------------------------------------------- class_weighting='target'
+# The reference is the formula, written here with log_softmax and nothing of ours: per item (class index y)
+#   w[y] ((1 - eps)(-log p_y) + eps / C sum_j -log p_j),   0 for an ignored item,
+# 'mean' = sum / (sum of w[y] over the non-ignored items), NaN when that is 0; for class-probability targets t the item
+# weighs u = sum_c t_c w_c, its loss is u (-sum_c ((1 - eps) t_c + eps / C) log p_c), and 'mean' divides by sum u.
+# Without class weights every item weighs 1: the loss is PyTorch's.
+def _target_rows(z, y, eps, w, ii):
+    "(per-row losses, per-row weights) of logits z (M, C) against class indices y (M,) or probabilities y (M, C)"
+    C = z.shape[1]
+    logp = torch.log_softmax(z, 1)
+    smooth = -logp.sum(1)
+    if y.is_floating_point():
+        u = torch.ones(len(z), dtype=z.dtype) if w is None else y @ w
+        q = y * (1 - eps) + eps / C
+        return u * -(q * logp).sum(1), u
+    valid = y != ii
+    y0 = torch.where(valid, y, 0)
+    u = torch.ones(len(z), dtype=z.dtype) if w is None else w[y0]
+    nll = -logp.gather(1, y0[:, None])[:, 0]
+    per = u * ((1 - eps) * nll + (eps / C * smooth if eps else 0))
+    return torch.where(valid, per, 0), torch.where(valid, u, 0)
+
+def _target_ref(x, t, axis, eps, w, red, ii, flat):
+    "The formula's loss of logits `x` (classes on `axis`) against `t`, reduced as `red`; per-item shape as ours (`flat`: flattened)"
+    if x.ndim == 1: x, t, axis = x[None], t[None], 1                         # unbatched: one item
+    C = x.shape[axis]
+    z = x.movedim(axis, -1).reshape(-1, C)
+    y = t.movedim(axis, -1).reshape(-1, C) if t.is_floating_point() else t.reshape(-1)
+    per, u = _target_rows(z, y, eps, w, ii)
+    if red == 'sum': return per.sum()
+    if red == 'mean':
+        den = u.sum()
+        return per.sum() / torch.where(den != 0, den, float('nan'))
+    if flat: return per
+    return per.reshape(x.movedim(axis, -1).shape[:-1])
+
+@given(api=st.sampled_from(['function', 'module', 'flat']), data=st.data())
+def test_target_weighting_equals_its_formula(api, data):
+    "class_weighting='target': value, shape and gradient of the formula above, on both paths, over the same input space"
+    case = data.draw(logits_and_targets(any_axis=api == 'flat'), label='case')
+    x, t, axis, eps, w, red, ii = (case[k] for k in ('x', 't', 'axis', 'eps', 'w', 'reduction', 'ignore_index'))
+    if t.is_floating_point() and ii >= 0: ii = -100                 # refused with probabilities, as tested above
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wc = None if w is None else w.to(cdt)
+    note(f"x={x!r}\nt={t!r}\nw={w!r}")
+    xd = x.to(cdt).requires_grad_()
+    tr = t.to(cdt) if t.is_floating_point() else t
+    unbatched = x.ndim == 1
+    ref = _target_ref(xd, tr, axis, eps, wc, red, ii, flat=api == 'flat')
+    if unbatched and red == 'none' and api != 'flat': ref = ref.reshape(())           # as F.cross_entropy's
+    gout = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=cdt)
+    gref, = torch.autograd.grad(ref, xd, gout) if x.numel() else (torch.zeros_like(xd),)
+    dt = x.dtype
+    M = max(1, t.numel() if not t.is_floating_point() else t.numel() // x.shape[axis])
+    vscale = _scale(x.movedim(axis, -1) if x.ndim else x, w) * (1 + (0 if w is None else w.max().item())) * (M if red == 'sum' else 1)
+    den = 1.
+    if red == 'mean':
+        if t.is_floating_point(): den = (tr.movedim(axis, -1).reshape(-1, x.shape[axis]).double() @ wc.double()).sum().item() if w is not None else M
+        else:
+            tt = t.reshape(-1); v = tt != ii
+            den = (v.sum() if w is None else (w.double()[torch.where(v, tt, 0)] * v).sum()).item()
+        den = den if den > 1e-3 else 1.
+    wmax = 1 + (0 if w is None else w.max().item())
+    gscale = 2 * wmax * wmax * gout.abs().max().item() / den if gout.numel() else 1.
+    for native in PATHS:
+        with use_native(native):
+            xo = x.clone().requires_grad_()
+            ours = _ours(api, xo, t, axis, eps, w, red, ii, 'target')
+            what = f"{'kernel' if native else 'PyTorch-op path'}, {api}, class_weighting='target'"
+            if native: event(f"target weighting, kernel path: {'the C kernel ran' if _ran_kernel(ours) else 'fell back to PyTorch ops'}")
+            assert_same(ours, ref, VALUE_TOL[dt] * vscale, VALUE_TOL[dt], f"{what}: value")
+            go, = torch.autograd.grad(ours, xo, gout.to(ours.dtype)) if x.numel() else (torch.zeros_like(xo),)
+            assert go.dtype == x.dtype, f"{what}: gradient dtype {go.dtype}"
+            assert_same(go, gref, VALUE_TOL[dt] * gscale, GRAD_RTOL[dt], f"{what}: gradient")
+
+TARGET_MIXED_LOSSES = {
+    'LabelSmoothingCrossEntropy': lambda eps, w, red, ii: LabelSmoothingCrossEntropy(eps, w, red, ii, 'target'),
+    'LabelSmoothingCrossEntropyFlat': lambda eps, w, red, ii: LabelSmoothingCrossEntropyFlat(
+        axis=1, eps=eps, weight=w, reduction=red, ignore_index=ii, class_weighting='target'),
+    'partial(label_smoothing_cross_entropy)': lambda eps, w, red, ii: partial(
+        label_smoothing_cross_entropy, eps=eps, weight=w, reduction=red, ignore_index=ii, class_weighting='target'),
+}
+
+@given(kind=st.sampled_from(list(TARGET_MIXED_LOSSES)), data=st.data())
+def test_mixed_loss_target_weighting_equals_its_formula(kind, data):
+    "mixed_loss with class_weighting='target': lam * l(y1) + (1 - lam) * l(y2) per item with the formula's l, mean over items"
+    case = data.draw(logits_and_targets(any_axis=False, batched=True, probs=False), label='case')
+    x, t1, eps, w, red, ii, C = (case[k] for k in ('x', 't', 'eps', 'w', 'reduction', 'ignore_index', 'C'))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1), label='seed'))
+    t2, _ = _targets(data.draw, g, list(t1.shape), C)
+    t2[t2 == _] = ii
+    n = x.shape[0]
+    lam = torch.rand(n, generator=g, dtype=torch.float64)
+    note(f"x={x!r}\nt1={t1!r}\nt2={t2!r}\nlam={lam!r}\nw={w!r}")
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wc = None if w is None else w.to(cdt)
+    xd = x.to(cdt).requires_grad_()
+    lb = lam.to(cdt).view(n, *[1] * (x.ndim - 2))
+    per = lb * _target_ref(xd, t1, 1, eps, wc, 'none', ii, False) + (1 - lb) * _target_ref(xd, t2, 1, eps, wc, 'none', ii, False)
+    per = per.reshape(n, math.prod(per.shape[1:]))
+    ref = per.mean() if red == 'mean' else per.sum() if red == 'sum' else per.squeeze(1)
+    gout = torch.randn(ref.shape, generator=g, dtype=cdt)
+    gref, = torch.autograd.grad(ref, xd, gout) if x.numel() else (torch.zeros_like(xd),)
+    dt, k = x.dtype, per.shape[1]
+    wmax = 1 + (0 if w is None else w.max().item())
+    vscale = _scale(x.movedim(1, -1), w) * wmax * (max(1, n * k) if red == 'sum' else 1)
+    gscale = 2 * wmax * wmax * gout.abs().max().item() / (max(1, n * k) if red == 'mean' else 1) if gout.numel() else 1.
+    for native in PATHS:
+        with use_native(native):
+            xo = x.clone().requires_grad_()
+            ours = mixed_loss(TARGET_MIXED_LOSSES[kind](eps, w, red, ii), xo, (t1,), (t2,), lam.to(cdt))
+            what = f"{'kernel' if native else 'PyTorch-op path'}, {kind}, class_weighting='target'"
+            if native: event(f"target weighting, mixed, kernel path: {'the C kernel ran' if _ran_kernel(ours) else 'fell back to PyTorch ops'}")
+            assert_same(ours, ref, VALUE_TOL[dt] * vscale, VALUE_TOL[dt], f"{what}: value", strict=False)
+            go, = torch.autograd.grad(ours, xo, gout.to(ours.dtype)) if x.numel() else (torch.zeros_like(xo),)
+            assert_same(go, gref, VALUE_TOL[dt] * gscale, GRAD_RTOL[dt], f"{what}: gradient", strict=False)
 
 MIXED_LOSSES = {
     'LabelSmoothingCrossEntropy': lambda eps, w, red, ii: LabelSmoothingCrossEntropy(eps, w, red, ii),
@@ -219,9 +336,9 @@ def test_mixed_loss_equals_pytorch(device, kind, data):
 
 @DEVICES
 @settings(max_examples=max(20, settings.default.max_examples // 2))
-@given(api=st.sampled_from(['function', 'flat', 'mixed']), data=st.data())
-def test_second_derivatives_equal_pytorch(device, api, data):
-    "The gradient under create_graph=True and Hessian-vector products, in float64, equal F.cross_entropy's on both paths"
+@given(api=st.sampled_from(['function', 'flat', 'mixed']), cw=st.sampled_from(['pytorch', 'target']), data=st.data())
+def test_second_derivatives_equal_pytorch(device, api, cw, data):
+    "The gradient under create_graph=True and Hessian-vector products, in float64, equal F.cross_entropy's (or the 'target' formula's) on both paths"
     case = data.draw(logits_and_targets(any_axis=api == 'flat', batched=api == 'mixed', probs=False, finite=True), label='case')
     x, t, axis, eps, w, red, ii = (case[k] for k in ('x', 't', 'axis', 'eps', 'w', 'reduction', 'ignore_index'))
     x = x.double()                                                 # second derivatives of non-finite logits: not compared
@@ -229,18 +346,22 @@ def test_second_derivatives_equal_pytorch(device, api, data):
     g = torch.Generator().manual_seed(1)
     lam = torch.rand(x.shape[0], generator=g, dtype=torch.float64) if api == 'mixed' else None
     kw = dict(weight=w, ignore_index=ii, label_smoothing=eps)
+    def ce(x, t, red, axis=1, flat=False):
+        if cw == 'target': return _target_ref(x, t, axis, eps, w, red, ii, flat)
+        return _flat_ref(x, t, axis, reduction=red, **kw) if flat else F.cross_entropy(x, t, reduction=red, **kw)
     def ref_loss(x):
-        if api == 'flat': return _flat_ref(x, t, axis, reduction=red, **kw)
-        if api == 'function': return F.cross_entropy(x, t, reduction=red, **kw)
+        if api == 'flat': return ce(x, t, red, axis, flat=True)
+        if api == 'function': return ce(x, t, red)
         lb = lam.view(-1, *[1] * (x.ndim - 2))
-        per = (lb * F.cross_entropy(x, t, reduction='none', **kw) + (1 - lb) * F.cross_entropy(x, t.flip(0), reduction='none', **kw))
+        per = lb * ce(x, t, 'none') + (1 - lb) * ce(x, t.flip(0), 'none')
         per = per.reshape(x.shape[0], math.prod(per.shape[1:]))
         return per.mean() if red == 'mean' else per.sum() if red == 'sum' else per.squeeze(1)
     def our_loss(x):
         td,wd = t.to(x.device),_on(w, x.device)
-        if api == 'flat': return LabelSmoothingCrossEntropyFlat(axis=axis, eps=eps, weight=wd, reduction=red, ignore_index=ii)(x, td)
-        if api == 'function': return label_smoothing_cross_entropy(x, td, eps, wd, red, ii)
-        return mixed_loss(LabelSmoothingCrossEntropy(eps, wd, red, ii), x, (td,), (td.flip(0),), lam.to(x.device))
+        if api == 'flat': return LabelSmoothingCrossEntropyFlat(axis=axis, eps=eps, weight=wd, reduction=red, ignore_index=ii,
+                                                                 class_weighting=cw)(x, td)
+        if api == 'function': return label_smoothing_cross_entropy(x, td, eps, wd, red, ii, cw)
+        return mixed_loss(LabelSmoothingCrossEntropy(eps, wd, red, ii, cw), x, (td,), (td.flip(0),), lam.to(x.device))
     def hvp(f, dev='cpu'):
         "The gradient computed with create_graph=True, and the Hessian times a fixed vector (on the CPU)"
         xr = x.to(dev, copy=True).requires_grad_()
@@ -255,4 +376,4 @@ def test_second_derivatives_equal_pytorch(device, api, data):
         with use_native(native):
             for ours, ref, what in zip(hvp(our_loss, device), refs, ('gradient under create_graph', 'Hessian-vector product')):
                 big = ref[torch.isfinite(ref)].abs().max().item() if torch.isfinite(ref).any() else 0.
-                assert_same(ours, ref, 1e-9 * (1 + big), 1e-9, f"{'kernel' if native else 'PyTorch-op path'} on {device}, {api}: {what}")
+                assert_same(ours, ref, 1e-9 * (1 + big), 1e-9, f"{'kernel' if native else 'PyTorch-op path'} on {device}, {api}, {cw}: {what}")

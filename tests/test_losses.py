@@ -297,3 +297,82 @@ def test_flat_takes_tabular_n_by_1_targets(dtype, backend):
     torch.testing.assert_close(LabelSmoothingCrossEntropyFlat(eps=0.1)(x, y), ref)
     torch.testing.assert_close(CrossEntropyLossFlat(label_smoothing=0.1)(x, y).double(), ref, rtol=1e-6, atol=1e-6)  # fastai: float32
     with pytest.raises(ValueError, match='does not match logits'): LabelSmoothingCrossEntropyFlat()(x, y[:5])
+
+# --- class_weighting='target' (issue 19; tests/test_differential.py compares it with its formula over the input space)
+
+def test_target_weighting_without_weights_is_pytorchs_loss(backend):
+    "Without class weights the two weightings are one loss: F.cross_entropy's"
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randint(0, 5, (9,), generator=g)
+    y[3] = -100
+    for red in ('mean', 'sum', 'none'):
+        torch.testing.assert_close(label_smoothing_cross_entropy(x, y, 0.3, reduction=red, class_weighting='target'),
+                                   F.cross_entropy(x, y, label_smoothing=0.3, reduction=red))
+
+def test_target_weighting_reaches_the_one_pass_mixed_loss(backend):
+    "mixed_loss's one pass keeps class_weighting (ours, Flat, partial): equal to the two calls of the generic path"
+    g = torch.Generator().manual_seed(7)
+    pred = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    y1, y2 = torch.randint(0, 5, (8,), generator=g), torch.randint(0, 5, (8,), generator=g)
+    lam, w = torch.rand(8, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64) + .1
+    def generic(p, t, reduction='mean'): return label_smoothing_cross_entropy(p, t, 0.2, w, reduction, class_weighting='target')
+    ref = mixed_loss(generic, pred, (y1,), (y2,), lam)
+    for lf in (LabelSmoothingCrossEntropy(0.2, w, class_weighting='target'),
+               LabelSmoothingCrossEntropyFlat(eps=0.2, weight=w, class_weighting='target'),
+               partial(label_smoothing_cross_entropy, eps=0.2, weight=w, class_weighting='target')):
+        torch.testing.assert_close(mixed_loss(lf, pred, (y1,), (y2,), lam), ref)
+    # and the default stays PyTorch's, which differs here
+    assert not torch.allclose(mixed_loss(LabelSmoothingCrossEntropy(0.2, w), pred, (y1,), (y2,), lam), ref)
+
+def test_bad_class_weighting():
+    for bad in ('Target', 'balanced', None, 1):
+        with pytest.raises(ValueError, match='`class_weighting` must be one of'): LabelSmoothingCrossEntropy(class_weighting=bad)
+        with pytest.raises(ValueError, match='`class_weighting` must be one of'):
+            label_smoothing_cross_entropy(SEED_X, SEED_Y, class_weighting=bad)
+    with pytest.raises(ValueError, match='`class_weighting`'): LabelSmoothingCrossEntropyFlat(class_weighting='x')
+
+def _toy_104776(class_weighting:str, steps:int=400):
+    "pytorch/pytorch#104776's toy problem: a 2-layer net told its input's class as a one-hot vector, 4 classes, the last one rare"
+    counts = torch.tensor([100, 100, 100, 1])
+    y = torch.repeat_interleave(torch.arange(4), counts)
+    x = F.one_hot(y, 4).float()
+    w = counts.sum() / (4 * counts.float())                        # scikit-learn's 'balanced' class weights: the rare class x100
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 4))
+    lf = LabelSmoothingCrossEntropy(0.1, weight=w, class_weighting=class_weighting)
+    opt = torch.optim.Adam(net.parameters(), lr=0.03)
+    for _ in range(steps):                                         # full batch, to convergence
+        opt.zero_grad(); lf(net(x), y).backward(); opt.step()
+    with torch.no_grad(): p = net(x).softmax(1)
+    return (p.argmax(1) == y).float().mean().item(), p, y
+
+def test_pytorch_104776_toy_problem(backend):
+    "'pytorch' weighting predicts the rare class for every item; 'target' keeps 100% and predicts the smoothed targets"
+    acc, p, y = _toy_104776('pytorch')
+    assert acc == pytest.approx(1 / 301) and (p.argmax(1) == 3).all()
+    # its optimum: p ∝ (1 - eps) w_y [c = y] + eps w_c / C, here (0.694, 0.019, 0.019, 1.881) / 2.61 for a common class
+    w = torch.tensor([301 / 400] * 3 + [301 / 4])
+    q = 0.025 * w[None] + 0.9 * w[y][:, None] * F.one_hot(y, 4)
+    torch.testing.assert_close(p, q / q.sum(1, keepdim=True), atol=5e-3, rtol=0)
+    acc, p, y = _toy_104776('target')
+    assert acc == 1.
+    torch.testing.assert_close(p, 0.9 * F.one_hot(y, 4) + 0.025, atol=5e-3, rtol=0)
+
+# --- LabelSmoothingBCEWithLogitsLossFlat(smoothing='mass')
+
+def test_label_smoothing_bce_mass_by_hand():
+    "'mass': t' = (1 - eps) t + eps * mean_k t, so each item keeps its expected number of positive labels"
+    x = torch.randn(4, 5)
+    t = torch.tensor([[1., 0, 0, 0, 0], [1, 1, 0, 0, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    hand = torch.tensor([[.84, .04, .04, .04, .04], [.92, .92, .12, .12, .92], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    lf = LabelSmoothingBCEWithLogitsLossFlat(eps=0.2, smoothing='mass')
+    torch.testing.assert_close(lf(x, t), F.binary_cross_entropy_with_logits(x, hand))
+    with NoneReduce(lf) as f: torch.testing.assert_close(f(x, t), F.binary_cross_entropy_with_logits(x, hand, reduction='none').flatten())
+    assert lf.reduction == 'mean' and not lf.y_int
+    # labels on axis 1 of (N, K, L): the mean is taken over that axis
+    x3, t3 = torch.randn(2, 5, 3), t[:2, :, None].expand(2, 5, 3)
+    torch.testing.assert_close(LabelSmoothingBCEWithLogitsLossFlat(eps=0.2, smoothing='mass', axis=1)(x3, t3),
+                               F.binary_cross_entropy_with_logits(x3, hand[:2, :, None].expand(2, 5, 3)))
+    # the default is still timm's per-label smoothing, towards 1/2
+    torch.testing.assert_close(LabelSmoothingBCEWithLogitsLossFlat(eps=0.2)(x, t), F.binary_cross_entropy_with_logits(x, t * .8 + .1))
+    with pytest.raises(ValueError, match="`smoothing` must be one of"): LabelSmoothingBCEWithLogitsLossFlat(smoothing='uniform')

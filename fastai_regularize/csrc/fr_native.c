@@ -8,7 +8,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define FR_VERSION 5   /* native._VERSION: a library of another version is not loaded */
+#define FR_VERSION 6   /* native._VERSION: a library of another version is not loaded */
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && !defined(FR_NO_CLONES)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -57,23 +57,24 @@ static inline double exp_d(double x) { return exp(x); }
 #undef LOG
 
 typedef struct {
-    int dbl; const void *z; void *o; int64_t N, C; const int64_t *y; int64_t K; const void *a; const void *w;
+    int dbl; const void *z; void *o; int64_t N, C; const int64_t *y; int64_t K; const void *a; const void *w; int tw;
     double W, eps; int64_t ignore; void *mx, *ls, *loss; const void *g; int64_t gs; double scale; int64_t r0, r1, bad;
 } job_t;
 
 static void *fwd_job(void *p) {
     job_t *j = (job_t *)p;
-    j->bad = j->dbl ? fwd_d(j->z, j->N, j->C, j->y, j->K, j->a, j->w, j->W, j->eps, j->ignore, j->mx, j->ls, j->loss, j->r0, j->r1)
-                    : fwd_f(j->z, j->N, j->C, j->y, j->K, j->a, j->w, (float)j->W, (float)j->eps, j->ignore, j->mx, j->ls,
-                            j->loss, j->r0, j->r1);
+    j->bad = j->dbl ? fwd_d(j->z, j->N, j->C, j->y, j->K, j->a, j->w, j->tw, j->W, j->eps, j->ignore, j->mx, j->ls, j->loss,
+                            j->r0, j->r1)
+                    : fwd_f(j->z, j->N, j->C, j->y, j->K, j->a, j->w, j->tw, (float)j->W, (float)j->eps, j->ignore, j->mx,
+                            j->ls, j->loss, j->r0, j->r1);
     return NULL;
 }
 static void *bwd_job(void *p) {
     job_t *j = (job_t *)p;
-    if (j->dbl) bwd_d(j->z, j->o, j->N, j->C, j->y, j->K, j->a, j->w, j->W, j->eps, j->ignore, j->mx, j->ls, j->g, j->gs,
-                      j->scale, j->r0, j->r1);
-    else bwd_f(j->z, j->o, j->N, j->C, j->y, j->K, j->a, j->w, (float)j->W, (float)j->eps, j->ignore, j->mx, j->ls, j->g,
-               j->gs, (float)j->scale, j->r0, j->r1);
+    if (j->dbl) bwd_d(j->z, j->o, j->N, j->C, j->y, j->K, j->a, j->w, j->tw, j->W, j->eps, j->ignore, j->mx, j->ls, j->g,
+                      j->gs, j->scale, j->r0, j->r1);
+    else bwd_f(j->z, j->o, j->N, j->C, j->y, j->K, j->a, j->w, j->tw, (float)j->W, (float)j->eps, j->ignore, j->mx, j->ls,
+               j->g, j->gs, (float)j->scale, j->r0, j->r1);
     return NULL;
 }
 
@@ -123,12 +124,14 @@ int64_t fr_check_targets(const int64_t *y, int64_t n, int64_t C, int64_t ignore,
     return -1;
 }
 
-/* Per-row loss, max and log-sum-exp below the max; `*total` = sum of the row losses in double. Returns the number
-   of rows holding a non-finite logit (their loss is NaN and the caller should not use the result). */
+/* Per-row loss, max and log-sum-exp below the max; `*total` = sum of the row losses in double. `tw` = 1: target
+   weighting (each target's smoothed loss times its class weight, smoothed uniformly), 0: PyTorch's. Returns the
+   number of rows holding a non-finite logit (their loss is NaN and the caller should not use the result). */
 int64_t fr_sce_forward(int dbl, const void *z, int64_t N, int64_t C, const int64_t *y, int64_t K, const void *a,
-                       const void *w, double eps, int64_t ignore, void *mx, void *ls, void *loss, double *total,
+                       const void *w, int tw, double eps, int64_t ignore, void *mx, void *ls, void *loss, double *total,
                        int nthreads) {
-    job_t b = {dbl, z, NULL, N, C, y, K, a, w, wsum(dbl, w, C), eps, ignore, mx, ls, loss, NULL, 0, 1.0, 0, N, 0};
+    job_t b = {dbl, z, NULL, N, C, y, K, a, w, tw, tw ? (double)C : wsum(dbl, w, C), eps, ignore, mx, ls, loss, NULL, 0,
+               1.0, 0, N, 0};
     int64_t bad = run(&b, nthreads, fwd_job);
     double s = 0;
     for (int64_t i = 0; i < N; i++) s += dbl ? ((const double *)loss)[i] : (double)((const float *)loss)[i];
@@ -138,9 +141,9 @@ int64_t fr_sce_forward(int dbl, const void *z, int64_t N, int64_t C, const int64
 
 /* grad[i, :] = g[i * gs] * scale * d(loss_i)/dz_i, written over the whole of `grad` (N x C, contiguous). */
 void fr_sce_backward(int dbl, const void *z, void *grad, int64_t N, int64_t C, const int64_t *y, int64_t K,
-                     const void *a, const void *w, double eps, int64_t ignore, const void *mx, const void *ls,
+                     const void *a, const void *w, int tw, double eps, int64_t ignore, const void *mx, const void *ls,
                      const void *g, int64_t gs, double scale, int nthreads) {
-    job_t b = {dbl, z, grad, N, C, y, K, a, w, wsum(dbl, w, C), eps, ignore, (void *)mx, (void *)ls, NULL, g, gs, scale,
-               0, N, 0};
+    job_t b = {dbl, z, grad, N, C, y, K, a, w, tw, tw ? (double)C : wsum(dbl, w, C), eps, ignore, (void *)mx, (void *)ls,
+               NULL, g, gs, scale, 0, N, 0};
     run(&b, nthreads, bwd_job);
 }
