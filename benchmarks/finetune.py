@@ -156,7 +156,7 @@ def main(argv=None):
     ap.add_argument('--freeze-epochs', type=int, default=1, help="fine_tune's frozen epochs (the head alone)")
     ap.add_argument('--lr', type=float, default=5e-3, help="fine_tune's base_lr; from scratch: fit_one_cycle's maximum")
     ap.add_argument('--bs', type=int, default=64)
-    ap.add_argument('--seeds', type=int, default=5, help='seeds --seed, --seed+1, ... per configuration')
+    ap.add_argument('--seeds', type=int, default=3, help='seeds --seed, --seed+1, ... per configuration')
     ap.add_argument('--seed', type=int, default=42, help='first seed')
     ap.add_argument('--configs', default=DEFAULT_CONFIGS, help=f"comma-separated, among: {', '.join(CONFIGS)}")
     ap.add_argument('--no-scratch', action='store_true', help='skip the from-scratch baseline')
