@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip.conf on these machines names local indexes that may be absent; drop that noise, keep real errors.
 QUIET := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: honest demo test test-oldest fuzz native-check check export wheel dist docs docs-check bench bench-parallel gpu-check quality imbalanced tabular clean
+.PHONY: honest demo test test-oldest fuzz native-check check export wheel dist docs docs-check bench bench-parallel gpu-check quality imbalanced finetune tabular clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -115,6 +115,15 @@ honest: $(STAMP)
 imbalanced: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 	$(BIN)/python benchmarks/imbalanced.py $(if $(FRESH),--fresh)
+
+# Fine-tuning, the seed's regime: xresnet18 (half width) "pretrained" on Fashion-MNIST classes 0-4 (all 30,000 training
+# images; the body is cached by its settings' hash under ~/.cache/fastai_regularize/pretrained), then fine_tune(7,
+# freeze_epochs=1) on 1,000 images of classes 5-9 under 8 configurations, and the same model from scratch
+# (fit_one_cycle(8)), 3 paired seeds, scored on the 5,000 test images of classes 5-9. It resumes what
+# benchmarks/results/finetune-fmnist-n1000-e1+7/ holds; `make finetune FRESH=1` reruns everything, pretraining included.
+finetune: $(STAMP)
+	test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+	$(BIN)/python benchmarks/finetune.py $(if $(FRESH),--fresh)
 
 # Manifold MixUp on a tabular model: the digits as a table through tabular_learner, 5 paired seeds
 tabular: $(STAMP)

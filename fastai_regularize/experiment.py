@@ -15,7 +15,8 @@ from typing import Callable
 import torch, torch.nn.functional as F
 from fastcore.basics import patch
 from fastai.torch_core import set_seed
-from fastai.learner import Learner
+from fastai.learner import Learner, Recorder
+from fastai.callback.core import Callback
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import error_rate
 import fastai.callback.schedule  # noqa: F401 (`Learner.fit_one_cycle`)
@@ -106,6 +107,16 @@ class Task:
     make_dls:Callable # `make_dls(seed) -> DataLoaders`; the same validation set for every seed
     make_learner:Callable # `make_learner(dls, loss_func, cbs) -> Learner`
     settings:dict=field(default_factory=dict) # What they build, e.g. `dict(data='digits', arch='resnet18', size=32)`
+    fit:Callable|None=None # `fit(learn, epochs, lr)` trains a run's learner; None: `learn.fit_one_cycle(epochs, lr)`
+    schedule:str|None=None # How `fit` trains, for runs.csv; None: 'fit_one_cycle', or `fit`'s name and arguments
+
+def _schedule(task:Task)->str:
+    "What runs.csv says of `task`'s training: 'fit_one_cycle', 'fine_tune(freeze_epochs=1)', or `task.schedule`"
+    if task.fit is not None and not callable(task.fit):
+        raise TypeError(f"`fit` must be a function `fit(learn, epochs, lr)` or None (fit_one_cycle), got {task.fit!r}")
+    if task.schedule is not None: return task.schedule
+    if task.fit is None: return 'fit_one_cycle'
+    return _factory_desc(task.fit).removeprefix('Learner.').removesuffix('()')
 
 # %% ../nbs/05a_experiment.ipynb #021fd944
 def show_bars()->bool:
@@ -138,17 +149,25 @@ def _cpu_seconds()->float:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
 
+class _EpochRecord(Callback):
+    "Every epoch's values as the `Recorder` logged them, across all the fits of a run (the `Recorder` restarts each fit)"
+    order = Recorder.order + 1
+    def __init__(self): self.rows = []
+    def after_epoch(self):
+        if self.recorder.values: self.rows.append(list(self.recorder.values[-1]))
+
 def train_run(task:Task, # What to train
               config:Config, # Which loss and callbacks
               seed:int, # Seeds the data order, the initial weights and every random draw of training
-              epochs:int, # Epochs of `fit_one_cycle`
-              lr:float, # Maximum learning rate of `fit_one_cycle`
+              epochs:int, # Epochs of `task.fit` (`fit_one_cycle` by default)
+              lr:float, # Learning rate of `task.fit` (the maximum of `fit_one_cycle`)
               bars:bool|None=None, # fastai's progress bars (True) or one line per epoch (False); None: `show_bars()`
               prefix:str='', # Start of the per-epoch lines
              )->Learner:
-    "Seed, build `task`'s data and learner with `config`, `fit_one_cycle`; the learner gets `seconds_per_epoch`, `cpu_seconds`, `epoch_values`"
+    "Seed, build `task`'s data and learner with `config`, train with `task.fit`; the learner gets `seconds_per_epoch`, `cpu_seconds`, `epoch_values`"
     seed,epochs = check_int('seed', seed, 0),check_int('epochs', epochs, 1)
     lr = check_number('lr', lr, lo=0, lo_open=True)
+    _schedule(task)  # a `fit` that is not callable fails here, before any training
     torch.set_flush_denormal(True)  # 3-4x faster CPU training measured here (denormals in late layers)
     set_seed(seed, reproducible=True)
     dls = task.make_dls(seed)  # after the seed: the DataLoader seeds its shuffling from `random` when built
@@ -157,14 +176,18 @@ def train_run(task:Task, # What to train
     learn = task.make_learner(dls, loss_func, cbs)
     if not any(getattr(m, 'name', None) == 'error_rate' for m in learn.metrics): learn.metrics = [*learn.metrics, error_rate]
     if bars is None: bars = show_bars()
+    fit,record = (Learner.fit_one_cycle if task.fit is None else task.fit),_EpochRecord()
+    learn.add_cb(record)
     start,cpu = time.perf_counter(),_cpu_seconds()
-    if bars: learn.fit_one_cycle(epochs, lr)
-    else:
-        with epoch_lines(learn, prefix): learn.fit_one_cycle(epochs, lr)
-    learn.seconds_per_epoch = (time.perf_counter() - start)/epochs
+    try:
+        if bars: fit(learn, epochs, lr)
+        else:
+            with epoch_lines(learn, prefix): fit(learn, epochs, lr)
+    finally: learn.remove_cb(record)
+    learn.seconds_per_epoch = (time.perf_counter() - start)/(len(record.rows) or epochs)
     learn.cpu_seconds = _cpu_seconds() - cpu
     names = list(learn.recorder.metric_names)[1:]  # kept now: `get_preds` and `tta` restart the Recorder
-    learn.epoch_values = {n: [float(v[i]) for v in learn.recorder.values if len(v) > i] for i,n in enumerate(names) if n != 'time'}
+    learn.epoch_values = {n: [float(v[i]) for v in record.rows if len(v) > i] for i,n in enumerate(names) if n != 'time'}
     return learn
 
 # %% ../nbs/05a_experiment.ipynb #76b40949
@@ -428,8 +451,8 @@ def _interrupted(names:list, fn:Path)->KeyboardInterrupt:
 def run_experiment(task:Task, # What to train: data, learner and their settings
                    configs:str|list='baseline,label_smoothing,mixup,mixup+ls,cutmix', # Registered names or `Config`s
                    seeds:int|list=3, # Number of seeds (0, 1, ...) or the seeds themselves
-                   epochs:int=4, # Epochs of `fit_one_cycle`
-                   lr:float=3e-3, # Maximum learning rate of `fit_one_cycle`
+                   epochs:int=4, # Epochs of `task.fit` (`fit_one_cycle` by default)
+                   lr:float=3e-3, # Learning rate of `task.fit` (the maximum of `fit_one_cycle`)
                    out:str|Path='out/compare', # Folder of runs.csv, summary.*, compare.png and preds/
                    fresh:bool=False, # Delete what an earlier call wrote to `out` and start over
                    tta:bool=True, # Also measure the error with test-time augmentation
@@ -460,7 +483,7 @@ def run_experiment(task:Task, # What to train: data, learner and their settings
         shutil.rmtree(out/'preds', ignore_errors=True)
     (out/'preds').mkdir(parents=True, exist_ok=True)
     fn = out/'runs.csv'
-    own = dict(schedule='fit_one_cycle', epochs=epochs, lr=lr, tta=tta, n_folds=n_folds)
+    own = dict(schedule=_schedule(task), epochs=epochs, lr=lr, tta=tta, n_folds=n_folds)
     clash = [k for k in task.settings if k in {*own, *RUN_COLUMNS, *INFO_COLUMNS, 'config_desc', *_versions()}]
     if clash: raise ValueError(f"`task.settings` must not use the names of runs.csv's own columns: {', '.join(clash)}")
     settings = dict(**own, **task.settings, **_versions())
@@ -570,7 +593,7 @@ def _title(task:Task, settings:dict, seeds:list)->str:
     what = ', '.join(f"{k} {v}" for k,v in task.settings.items())
     sd = f"seeds {seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1 else f"seeds {seeds}"
     e = settings['epochs']
-    return f"{what}; {e} epoch{'s' if e != 1 else ''} of fit_one_cycle at lr {settings['lr']:g}; {sd}"
+    return f"{what}; {e} epoch{'s' if e != 1 else ''} of {settings['schedule']} at lr {settings['lr']:g}; {sd}"
 
 def plot_experiment(runs, # Rows of `runs.csv` (DataFrame, metrics as numbers)
                     summary, # `summarize(runs)`
