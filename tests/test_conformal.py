@@ -469,19 +469,10 @@ def test_state_is_plain_data_that_rebuilds_the_predictor(tmp_path):
 
 # ---------------------------------------------------------------- TTA: one path with the CLI, tied to the TTA calibration
 
-def _flip_learner(n_valid=300, seed=0):
+def _flip_learner():
     "A linear classifier of 6x6 images with a random flip (TTA's passes differ), three times too confident, never predicted with"
-    from fastai.vision.augment import Flip
-    from fastai_regularize.data import tensor_image_dls
-    g = torch.Generator().manual_seed(seed)
-    n = 100 + n_valid
-    x = (torch.rand(n, 6, 6, generator=g)*255).to(torch.uint8)
-    W = torch.randn(36, 3, generator=g)/4
-    y = torch.multinomial(F.softmax((x.float()/64 - 2).flatten(1) @ W, -1), 1, generator=g)[:, 0]
-    dls = tensor_image_dls(x[:100], y[:100], x[100:], y[100:], ['a', 'b', 'c'], bs=64, batch_tfms=[Flip(p=0.5)])
-    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
-    with torch.no_grad(): model[1].weight.copy_(3*W.T); model[1].bias.zero_()
-    return Learner(dls, model, loss_func=CrossEntropyLossFlat())
+    from conftest import flip_learner
+    return flip_learner(n_valid=300, warm=False)
 
 def test_a_learners_first_tta_conformalize_is_seeded_as_tta_logits():
     """fastai's lazy `dls.n_inp` draws random numbers on a learner's first batch: `conformalize(tta=...)` as the first

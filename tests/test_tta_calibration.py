@@ -132,19 +132,7 @@ def test_tta_scaler_bad_passes():
         with pytest.raises(ValueError, match=msg.replace('(', r'\(').replace('[', r'\[')): fit_tta_scaler(bad, y)
 
 
-def _flip_learner(scale=3., n_valid=400, seed=0, loss_func=None, warm=True):
-    "A linear classifier of 6×6 images with a random flip (so TTA's passes differ), `scale` times too confident"
-    g = torch.Generator().manual_seed(seed)
-    n = 100 + n_valid
-    x = (torch.rand(n, 6, 6, generator=g)*255).to(torch.uint8)
-    W = torch.randn(36, 3, generator=g)/4
-    y = torch.multinomial(F.softmax((x.float()/64 - 2).flatten(1) @ W, -1), 1, generator=g)[:, 0]
-    dls = tensor_image_dls(x[:100], y[:100], x[100:], y[100:], ['a', 'b', 'c'], bs=64, batch_tfms=[Flip(p=0.5)])
-    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
-    with torch.no_grad(): model[1].weight.copy_(scale*W.T); model[1].bias.zero_()
-    learn = Learner(dls, model, loss_func=loss_func or CrossEntropyLossFlat())
-    if warm: learn.get_preds()   # fastai's first prediction draws random numbers (see tta_logits); later ones are as seeded
-    return learn
+from conftest import flip_learner as _flip_learner
 
 
 @pytest.mark.parametrize('method', ['temperature', 'vector'])
