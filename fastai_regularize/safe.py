@@ -175,7 +175,8 @@ def to_plain(v, # The value to write
     if SAFE_CLASSES.get(_qualname(cls)) is not cls:
         raise ValueError(f"{where}: cannot store {cls.__name__} ({_qualname(cls)}): not a transform export_safe can rebuild "
                          f"(fastai's image transforms; `register_safe_class` adds your own)")
-    state = vars(v)
+    # a bound method of `v`'s own class is the default that `__init__` sets again (fastai 2.7's `RandTransform.before_call`)
+    state = {k: x for k,x in vars(v).items() if not (inspect.ismethod(x) and x.__self__ is v and getattr(cls, k, None) is x.__func__)}
     try: keys = _fresh_keys(cls, state)
     except Exception as e: raise ValueError(f"{where}: cannot rebuild {cls.__name__} from its attributes ({_one_line(e)})") from None
     return {'object': {'type': _qualname(cls), 'state': {k: to_plain(state[k], f"{where}.{k}") for k in sorted(keys) if k in state}}}

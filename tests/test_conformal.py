@@ -199,9 +199,17 @@ def test_sets_equal_crepes_p_values(score, randomized, class_conditional):
             cc.fit(s_cal.numpy(), bins=y[:n].numpy())
             ref = np.stack([cc.predict_p(s_test[:, c].numpy(), bins=np.full(N, c), smoothing=False) >= alpha for c in range(C)], 1)
             nc = torch.bincount(y[:n], minlength=C).tolist()       # crepes' sets differ where (n_c + 1)(1 - alpha) is an integer
-            cols = [c for c in range(C) if (nc[c] + 1)*(1 - alpha) != _rank(nc[c], alpha)]
+            # (n_c + 1)(1 - alpha) in floats: 10 * 0.9 is 9.000000000000002, an integer all the same
+            cols = [c for c in range(C) if not math.isclose((nc[c] + 1)*(1 - alpha), round((nc[c] + 1)*(1 - alpha)), abs_tol=1e-9)]
             assert len(cols) >= C - 1
-        np.testing.assert_array_equal(got[:, cols].numpy(), ref[:, cols].astype(bool), err_msg=f"alpha={alpha}")
+            # a test score within float rounding of its class's threshold is a tie that the two computations of the score may
+            # round either way (the last class's APS score is a cumulative sum of 1 +- an ulp; torch 2.6 rounds it otherwise)
+            thr = [torch.sort(s_cal[y[:n] == c]).values[_rank(nc[c], alpha) - 1].item() if _rank(nc[c], alpha) <= nc[c] else math.inf
+                   for c in range(C)]
+            near = torch.stack([(s_test[:, c] - thr[c]).abs() <= 1e-5 for c in range(C)], 1).numpy()
+            assert near.mean() < 0.1
+            got,ref = np.where(near, False, got.numpy()),np.where(near, False, ref)
+        np.testing.assert_array_equal(np.asarray(got)[:, cols], np.asarray(ref)[:, cols].astype(bool), err_msg=f"alpha={alpha}")
 
 def test_an_empty_class_is_in_every_set_as_crepes_gives():
     from crepes import ConformalClassifier
