@@ -39,3 +39,15 @@ def flip_learner(scale=3., n_valid=400, seed=0, loss_func=None, warm=True):
     learn = Learner(dls, model, loss_func=loss_func or CrossEntropyLossFlat())
     if warm: learn.get_preds()   # fastai's first prediction draws random numbers (see tta_logits); later ones are as seeded
     return learn
+
+def tiny_digits(tmp_path_factory):
+    "48 training and 18 validation digits of three classes, in train/ and valid/ folders (the tiny `compare` data)"
+    import shutil
+    from fastai_regularize.data import digits_folder
+    digits = digits_folder(tmp_path_factory.mktemp('digits')/'digits')
+    root = tmp_path_factory.mktemp('tiny')
+    for split,n in (('train', 16), ('valid', 6)):
+        for c in ('1', '4', '7'):
+            (root/split/c).mkdir(parents=True)
+            for f in sorted((digits/split/c).glob('*.png'))[:n]: shutil.copy(f, root/split/c/f.name)
+    return root

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import tiny_digits
 import torch
 from torch import nn
 from fastai.callback.core import Callback
@@ -28,15 +29,7 @@ NUMBERS = [m for m in experiment.METRICS if m != 'seconds_per_epoch'] + ['valid_
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    "48 training and 18 validation digits of three classes"
-    digits = digits_folder(tmp_path_factory.mktemp('digits')/'digits')
-    root = tmp_path_factory.mktemp('tiny')
-    for split,n in (('train', 16), ('valid', 6)):
-        for c in ('1', '4', '7'):
-            (root/split/c).mkdir(parents=True)
-            for f in sorted((digits/split/c).glob('*.png'))[:n]: shutil.copy(f, root/split/c/f.name)
-    return root
+def data(tmp_path_factory): return tiny_digits(tmp_path_factory)
 
 
 def run_main(*args):
